@@ -1,0 +1,269 @@
+"""The algorithm: SeCO and SpaCO (DESIGN.md §2). Read top to bottom: stage 1, stage 2, the engines.
+
+Stage 1 (`forward_checkpoints`) runs chunks 0..k-2 without autograd through the transformer body
+only (no LM head), storing each chunk's KV as detached leaves in a `ChunkCache`. The last chunk's KV is
+never read by anyone, so it is not run here.
+
+Stage 2 (`backward_chunk`) visits chunks from last to first, rebuilds chunk j's graph on top of the
+stored leaves of chunks < j, and backpropagates its loss together with its fresh KV, seeded with the
+gradient later chunks left in its checkpoint's `.grad` — one `torch.autograd.backward` call. Parameter
+gradients accumulate in `.grad`; gradients for earlier chunks' KV accumulate in their leaves.
+
+SeCO visits every chunk (exact gradient). SpaCO visits a sampled subset and scales each visited
+chunk's loss and relay by a compensation factor (see `sampling.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import ChunkedBatch, check_chunk_size, chunk_batch
+from .cache import ChunkCache
+from .loss import chunk_loss_sum
+from .models import CausalLMHandle, inspect_causal_lm
+from .sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
+
+
+@dataclass(frozen=True)
+class ChunkwiseOutput:
+    """What one `backward` call reports.
+
+    Attributes:
+        loss: detached scalar, the batch's token loss: summed over all chunks and divided by the number
+            of valid targets (or by `num_items`). For SpaCO too it covers every chunk, not only the
+            backpropagated ones.
+        num_targets: valid (non -100) target tokens in the batch.
+        num_chunks: chunks the sequence was cut into.
+        selected: indices of the chunks whose gradient was backpropagated (all of them for SeCO).
+        compensation: factor applied to the selected chunks' losses and KV-gradient relays.
+    """
+
+    loss: torch.Tensor
+    num_targets: int
+    num_chunks: int
+    selected: tuple[int, ...]
+    compensation: float
+
+
+# ----- random state: stage 2 must redraw the dropout masks stage 1 drew -----------------------------
+
+
+def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+
+
+def _capture_rng(devices: list[torch.device]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _restore_rng(state: tuple, devices: list[torch.device]) -> None:
+    cpu_state, device_states = state
+    torch.set_rng_state(cpu_state)
+    for device, device_state in zip(devices, device_states):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+# ----- the two stages --------------------------------------------------------------------------------
+
+
+def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache: ChunkCache) -> dict:
+    """Keyword arguments of the model call for one chunk: its tokens, positions s..e-1, mask [0, e)."""
+    start, end = batch.bounds[chunk]
+    position_ids = torch.arange(start, end, device=batch.input_ids.device).unsqueeze(0)
+    mask = None if batch.attention_mask is None else batch.attention_mask[:, :end]
+    return {
+        "input_ids": batch.input_ids[:, start:end],
+        "position_ids": position_ids,
+        "attention_mask": mask,
+        handle.cache_kwarg: cache,
+        "use_cache": True,
+    }
+
+
+def _chunk_loss(handle: CausalLMHandle, batch: ChunkedBatch, chunk: int, inputs: dict) -> torch.Tensor:
+    """The chunk's summed token loss over the batch normaliser (runs the full model, LM head included)."""
+    start, end = batch.bounds[chunk]
+    logits = handle.lm(**inputs).logits
+    return chunk_loss_sum(logits, batch.targets[:, start:end]) / batch.normaliser
+
+
+@torch.no_grad()
+def forward_checkpoints(
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list
+) -> tuple[list, dict[int, torch.Tensor]]:
+    """Stage 1: store every chunk's KV checkpoint, keeping no activations.
+
+    Args:
+        report_only: chunks that stage 2 will not visit but whose loss is reported; they run with the
+            LM head (the last chunk too, if it is among them).
+    Returns:
+        The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
+        of each chunk in `report_only`.
+    """
+    rng_states, reported = [], {}
+    last = batch.num_chunks - 1
+    for chunk in range(batch.num_chunks):
+        if chunk == last and chunk not in report_only:
+            break
+        rng_states.append(_capture_rng(devices))
+        cache.prepare(num_past=chunk, record=True)
+        inputs = _chunk_inputs(batch, chunk, handle, cache)
+        if chunk in report_only:
+            reported[chunk] = _chunk_loss(handle, batch, chunk, inputs)
+        else:
+            handle.decoder(**inputs)  # the transformer body only: its KV is all stage 2 needs
+        cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
+    return rng_states, reported
+
+
+def backward_chunk(
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, factor: float
+) -> torch.Tensor | None:
+    """Stage 2 for one chunk: rebuild its graph on the stored past and backpropagate loss + KV relay.
+
+    The caller restores the RNG state stage 1 saw before this chunk. Returns the chunk's (unscaled)
+    loss, or None if the chunk had no target.
+    """
+    is_last = chunk == batch.num_chunks - 1
+    relay_in = [] if is_last else [leaf.grad for leaf in cache.checkpoint(chunk)]
+    has_relay = any(g is not None for g in relay_in)
+    if not batch.chunk_has_targets[chunk] and not has_relay:
+        return None  # nothing flows through this chunk: no target, and no later chunk read its KV
+
+    cache.prepare(num_past=chunk, record=False)
+    inputs = _chunk_inputs(batch, chunk, handle, cache)
+    with torch.enable_grad():
+        loss = None
+        outputs, seeds = [], []
+        if batch.chunk_has_targets[chunk]:
+            loss = _chunk_loss(handle, batch, chunk, inputs)
+            outputs.append(loss)
+            seeds.append(torch.full_like(loss, factor))
+        else:
+            handle.decoder(**inputs)  # no target here: only the KV relay, so skip the LM head
+        for fresh, grad in zip(cache.fresh_kv(), relay_in):
+            if grad is not None:
+                outputs.append(fresh)
+                seeds.append(grad if factor == 1.0 else grad * factor)
+        torch.autograd.backward(outputs, seeds)
+    cache.free(chunk)
+    return None if loss is None else loss.detach()
+
+
+# ----- the engines ------------------------------------------------------------------------------------
+
+
+class SeCO:
+    """Sequential Chunk-wise Optimization: exact gradients with one chunk's activation memory.
+
+    Example:
+        engine = SeCO(model, chunk_size=128)
+        out = engine.backward(input_ids, labels=labels, attention_mask=mask)   # fills .grad
+        optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        model: a Hugging Face causal LM, or a PEFT model wrapping one.
+        chunk_size: tokens per chunk (the last chunk may be shorter).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int):
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.model = model
+        self.handle = inspect_causal_lm(model)
+
+    def backward(self, input_ids, *, labels=None, attention_mask=None, num_items=None) -> ChunkwiseOutput:
+        """Accumulate the gradient of the batch's mean token loss into the trainable parameters' `.grad`.
+
+        Gradients add up across calls, like `loss.backward()`, so gradient accumulation just works.
+
+        Args:
+            input_ids: `[B, T]` token ids.
+            labels: `[B, T]` labels aligned with `input_ids` (shifted inside, once over the whole
+                sequence); -100 is ignored. Default: `input_ids`, with padded positions ignored.
+            attention_mask: `[B, T]`, 1 for tokens and 0 for right padding.
+            num_items: divide the summed token loss by this instead of the batch's valid-target count
+                (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
+        """
+        batch = self._chunk(input_ids, labels, attention_mask, num_items)
+        return self._run(batch, select_all(batch.num_chunks))
+
+    def _chunk(self, input_ids, labels, attention_mask, num_items) -> ChunkedBatch:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("the model has no trainable parameters (every requires_grad is False); nothing to train")
+        device = self.handle.lm.get_input_embeddings().weight.device
+        return chunk_batch(
+            input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            num_items=num_items,
+            chunk_size=self.chunk_size,
+            vocab_size=self.handle.vocab_size,
+            device=device,
+        )
+
+    def _run(self, batch: ChunkedBatch, selection: ChunkSelection) -> ChunkwiseOutput:
+        if batch.num_targets == 0:
+            # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0).
+            zero = torch.zeros((), device=batch.input_ids.device)
+            return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
+
+        devices = _rng_devices(self.handle.lm)
+        cache = ChunkCache()
+        selected = set(selection.chunks)
+        unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]}
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)
+
+        # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
+        with torch.random.fork_rng(devices=devices):
+            for chunk in reversed(selection.chunks):
+                if chunk < len(rng_states):
+                    _restore_rng(rng_states[chunk], devices)
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=selection.compensation)
+                if loss is not None:
+                    losses[chunk] = loss
+        total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=batch.input_ids.device)
+        return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation)
+
+
+class SpaCO(SeCO):
+    """Sparse Chunk-wise Optimization: backpropagates `budget` of the k chunks per step.
+
+    Stage 1 is SeCO's; stage 2 visits only the sampled chunks, compensating so the gradient estimate
+    stays unbiased (`bernoulli`, exactly) or nearly so (`uniform`, the paper's policy). Backprop cost
+    stops growing with sequence length. With budget >= k it is SeCO exactly.
+
+    Args:
+        model: a Hugging Face causal LM, or a PEFT model wrapping one.
+        chunk_size: tokens per chunk.
+        budget: chunks backpropagated per step (on average, for `bernoulli`).
+        sampling: "uniform", "bernoulli", or a `ChunkSampler` instance.
+        max_compensation: cap on the compensation factor (the paper uses 2.0); None for no cap.
+        seed: seed of the sampler's own generator.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        chunk_size: int,
+        budget: int,
+        sampling: str | ChunkSampler = "uniform",
+        max_compensation: float | None = None,
+        seed: int = 0,
+    ):
+        self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
+        super().__init__(model, chunk_size=chunk_size)
+
+    def backward(self, input_ids, *, labels=None, attention_mask=None, num_items=None) -> ChunkwiseOutput:
+        """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`."""
+        batch = self._chunk(input_ids, labels, attention_mask, num_items)
+        return self._run(batch, self.sampler.select(batch.num_chunks))
+
+    def state_dict(self) -> dict:
+        """The sampler's state, for checkpoints: restoring it replays the same selections."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -1,0 +1,164 @@
+"""Finding the causal LM inside what the user hands us, checking it can run chunk-wise, and tiny presets.
+
+The engine talks to a model only through the standard `transformers` call with our own `Cache`
+(DESIGN.md §3). This module answers the questions that call depends on — where is the Hugging Face
+causal LM (a PEFT wrapper may hide it), which keyword takes the cache, is the model causal — and turns
+every "no" into an error that names the model and says what to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class CausalLMHandle:
+    """What the engine needs to know about a model.
+
+    Attributes:
+        lm: the Hugging Face `*ForCausalLM` module (PEFT adapters, if any, are injected into it in place,
+            so calling it runs them).
+        decoder: the transformer body of `lm` (everything but the LM head); stage 1 calls only this.
+        cache_kwarg: the keyword under which `lm` and `decoder` take a `Cache` (`cache` in recent
+            transformers releases, `past_key_values` in older 5.x ones).
+        vocab_size: number of rows of the output embedding; token ids must be below it.
+    """
+
+    lm: PreTrainedModel
+    decoder: torch.nn.Module
+    cache_kwarg: str
+    vocab_size: int
+
+
+def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """Return the Hugging Face model inside `model` (a PEFT wrapper is looked through)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and not isinstance(model, PreTrainedModel):
+        model = get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"chunkwise needs a Hugging Face transformers causal LM (or a PEFT model wrapping one); got "
+            f"{type(model).__name__}. Load it with AutoModelForCausalLM.from_pretrained(...)."
+        )
+    return model
+
+
+def _cache_keyword(module: torch.nn.Module) -> str | None:
+    """Name of the forward() argument that takes a `Cache`, or None if there is none."""
+    parameters = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
+def inspect_causal_lm(model: torch.nn.Module) -> CausalLMHandle:
+    """Check that `model` is a decoder-only causal LM that accepts a `Cache`, and describe it.
+
+    Raises:
+        TypeError: with the model's class name and the reason, when it cannot be trained chunk-wise.
+    """
+    lm = unwrap_causal_lm(model)
+    name = type(lm).__name__
+    config = lm.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{name} is an encoder-decoder model; chunk-wise training needs a decoder-only causal LM "
+            "(its KV cache is what carries the context from chunk to chunk)."
+        )
+    if not getattr(config, "is_causal", True) or not lm.can_generate():
+        raise TypeError(
+            f"{name} is not a causal language model (it cannot generate text). Load the model with "
+            "AutoModelForCausalLM.from_pretrained(...) to get its *ForCausalLM class."
+        )
+    if lm.get_output_embeddings() is None:
+        raise TypeError(f"{name} has no LM head (get_output_embeddings() is None); use its *ForCausalLM class.")
+    decoder = lm.get_decoder()
+    cache_kwarg = _cache_keyword(lm)
+    if cache_kwarg is None or _cache_keyword(decoder) != cache_kwarg:
+        raise TypeError(
+            f"{name} does not accept a transformers Cache in forward(), so its KV cache cannot be carried "
+            "between chunks. chunkwise supports models whose forward() takes `cache` (or `past_key_values`)."
+        )
+    vocab_size = lm.get_output_embeddings().weight.shape[0]
+    return CausalLMHandle(lm=lm, decoder=decoder, cache_kwarg=cache_kwarg, vocab_size=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny presets: randomly initialised models built from configs, for trying things out and for tests.
+# Nothing is downloaded. Each keeps the architecture's distinguishing feature (GQA, sliding window,
+# q/k norms, alternating local/global layers) at toy size.
+# ---------------------------------------------------------------------------------------------------
+
+_TINY_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def _tiny_config(preset: str):
+    """Build the config of a tiny preset; imports are local so unused architectures cost nothing."""
+    if preset == "tiny-llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**_TINY_COMMON)
+    if preset == "tiny-qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**_TINY_COMMON)
+    if preset == "tiny-qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**_TINY_COMMON, head_dim=16)
+    if preset == "tiny-mistral":
+        from transformers import MistralConfig
+
+        # A window shorter than the test sequences, so the sliding-window mask matters.
+        return MistralConfig(**_TINY_COMMON, sliding_window=8)
+    if preset == "tiny-gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Alternating sliding (window 8) and global layers, as in Gemma 3.
+        common = {**_TINY_COMMON, "num_hidden_layers": 2}
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
+
+
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3")
+
+
+def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM (2 layers, hidden 64, vocab 128) from a named preset."""
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id."""
+    if name_or_path in TINY_PRESETS:
+        return build_tiny_model(name_or_path, dtype=dtype, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; give a directory saved with save_pretrained(), "
+            f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
+        )
+    return AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, dtype=dtype)
