@@ -144,10 +144,13 @@ def backward_chunk(
         else:
             handle.decoder(**inputs)  # no target here: only the KV relay, so skip the LM head
         for fresh, grad in zip(cache.fresh_kv(), relay_in):
-            if grad is not None:
+            # A fresh KV without grad_fn has nothing trainable upstream (e.g. k_proj of the first layer
+            # under LoRA on q/v only): its relay would reach no parameter, so it is left out.
+            if grad is not None and fresh.requires_grad:
                 outputs.append(fresh)
                 seeds.append(grad if factor == 1.0 else grad * factor)
-        torch.autograd.backward(outputs, seeds)
+        if outputs:
+            torch.autograd.backward(outputs, seeds)
     cache.free(chunk)
     return None if loss is None else loss.detach()
 

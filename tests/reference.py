@@ -1,0 +1,72 @@
+"""Reference gradients the engines are compared against, and the error measure used by the tests.
+
+The references compute the loss themselves (`chunk_loss_sum` over the model's logits) rather than
+through transformers' built-in loss, because that one upcasts logits to float32 even for a float64
+model, which would hide float64 agreement behind float32 rounding. `test_loss_convention` checks that
+the conventions (shift, -100, normalisation) match transformers' loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from chunkwise.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+
+
+def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the `.grad` of every trainable parameter (zeros where a gradient was never set)."""
+    return {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def full_backward(model, input_ids, *, labels=None, attention_mask=None, num_items=None):
+    """Ordinary backprop through one full-sequence forward. Returns (loss, grads); zeroes grads first."""
+    model.zero_grad(set_to_none=True)
+    labels = input_ids if labels is None else labels
+    targets = shift_labels(labels)
+    normaliser = num_items if num_items is not None else (targets != IGNORE_INDEX).sum()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    loss = chunk_loss_sum(logits, targets) / normaliser
+    loss.backward()
+    return loss.detach(), trainable_grads(model)
+
+
+def chunk_by_chunk_backward(model, input_ids, *, chunk_size, labels=None):
+    """Backprop through a differentiable chunk-by-chunk forward with a plain `DynamicCache`.
+
+    This is the reference when dropout is active: a chunked pass cannot reproduce the full pass's
+    dropout masks, but it defines the masks SeCO must reproduce (same seed, same chunk order).
+    The caller seeds the RNG. Returns (loss, grads); zeroes grads first.
+    """
+    model.zero_grad(set_to_none=True)
+    labels = input_ids if labels is None else labels
+    targets = shift_labels(labels)
+    normaliser = (targets != IGNORE_INDEX).sum()
+    cache = DynamicCache()
+    total = 0.0
+    seq_len = input_ids.shape[1]
+    for start in range(0, seq_len, chunk_size):
+        end = min(start + chunk_size, seq_len)
+        logits = model(
+            input_ids=input_ids[:, start:end],
+            position_ids=torch.arange(start, end).unsqueeze(0),
+            cache=cache,
+            use_cache=True,
+        ).logits
+        total = total + chunk_loss_sum(logits, targets[:, start:end]) / normaliser
+    total.backward()
+    return total.detach(), trainable_grads(model)
+
+
+def max_relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor error, max|g - ref| / max|ref| (a tensor whose reference is all zero must be zero)."""
+    worst = 0.0
+    for name, ref in reference.items():
+        diff = (grads[name] - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
