@@ -139,14 +139,17 @@ TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-
 
 
 def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised tiny causal LM (2 layers, hidden 64, vocab 128) from a named preset."""
+    """A randomly initialised tiny causal LM (2 layers, hidden 64, vocab 128) from a named preset.
+
+    Weights are drawn in float32 and then cast, so a preset and seed give the same model in any dtype.
+    """
     from transformers import AutoModelForCausalLM
 
     config = _tiny_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype)
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
