@@ -195,6 +195,15 @@ class SeCO:
     def _chunk(self, input_ids, labels, attention_mask, num_items) -> ChunkedBatch:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameters (every requires_grad is False); nothing to train")
+        if any(getattr(module, "gradient_checkpointing", False) for module in self.handle.lm.modules()):
+            # transformers drops the KV cache inside checkpointed layers, which would cut every chunk off
+            # from its past: a silently wrong gradient.
+            raise ValueError(
+                "gradient checkpointing is enabled on the model; chunk-wise training already keeps only one "
+                "chunk's activations and needs the KV cache that checkpointing disables. Call "
+                "model.activation_checkpointing_disable(), or drop gradient_checkpointing=True from the training "
+                "arguments."
+            )
         device = self.handle.lm.get_input_embeddings().weight.device
         return chunk_batch(
             input_ids,

@@ -122,3 +122,15 @@ def test_frozen_model_is_refused(model):
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
+
+
+def test_gradient_checkpointing_is_refused_not_silently_wrong(model):
+    # transformers drops the cache inside checkpointed layers; stage 2 would lose every chunk's past.
+    model.activation_checkpointing_enable()
+    try:
+        model.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match=r"gradient checkpointing is enabled.*activation_checkpointing_disable\(\)"):
+            SeCO(model, chunk_size=4).backward(torch.randint(0, VOCAB, (1, 10)))
+        assert no_grad_written(model)
+    finally:
+        model.activation_checkpointing_disable()
