@@ -31,7 +31,7 @@ class ChunkedBatch:
     input_ids: torch.Tensor
     targets: torch.Tensor
     attention_mask: torch.Tensor | None
-    normaliser: float | torch.Tensor
+    normaliser: float
     num_targets: int
     bounds: list[tuple[int, int]]
     chunk_has_targets: list[bool]
@@ -124,10 +124,10 @@ def chunk_batch(
     if num_items is None:
         normaliser = float(max(num_targets, 1))
     else:
-        value = float(num_items)
-        if not value > 0:
+        # A plain float (a tensor is read once): the loss keeps the model's precision, not num_items' dtype.
+        normaliser = float(num_items)
+        if not normaliser > 0:
             raise ValueError(f"num_items must be a positive number of target tokens, got {num_items!r}")
-        normaliser = num_items.to(device) if isinstance(num_items, torch.Tensor) else value
 
     bounds = [(start, min(start + chunk_size, seq_len)) for start in range(0, seq_len, chunk_size)]
     position_has_target = valid.any(dim=0).cpu()  # one device sync, not one per chunk

@@ -249,10 +249,11 @@ class SpaCO(SeCO):
     Args:
         model: a Hugging Face causal LM, or a PEFT model wrapping one.
         chunk_size: tokens per chunk.
-        budget: chunks backpropagated per step (on average, for `bernoulli`).
-        sampling: "uniform", "bernoulli", or a `ChunkSampler` instance.
+        budget: chunks backpropagated per step (on average, for `bernoulli`); required with a policy name.
+        sampling: "uniform", "bernoulli", or a `ChunkSampler` instance (which then owns budget,
+            max_compensation and seed).
         max_compensation: cap on the compensation factor (the paper uses 2.0); None for no cap.
-        seed: seed of the sampler's own generator.
+        seed: seed of the sampler's own generator (default 0).
     """
 
     def __init__(
@@ -260,10 +261,10 @@ class SpaCO(SeCO):
         model: torch.nn.Module,
         *,
         chunk_size: int,
-        budget: int,
+        budget: int | None = None,
         sampling: str | ChunkSampler = "uniform",
         max_compensation: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
         super().__init__(model, chunk_size=chunk_size)

@@ -46,7 +46,13 @@ def select_all(num_chunks: int) -> ChunkSelection:
 
 
 class ChunkSampler(ABC):
-    """A seeded, reproducible selection policy. Subclass it to plug a custom policy into `SpaCO`."""
+    """A seeded, reproducible selection policy. Subclass it to plug a custom policy into `SpaCO`.
+
+    A subclass implements `_draw(num_chunks)` (ascending chunk indices) and sets `name`, which tags its
+    saved state.
+    """
+
+    name = ""
 
     def __init__(self, *, budget: int, max_compensation: float | None = None, seed: int = 0):
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -67,7 +73,12 @@ class ChunkSampler(ABC):
         """Draw the chunks to backpropagate for a sequence of `num_chunks` chunks."""
         if self.budget >= num_chunks:
             return select_all(num_chunks)
-        chunks = self._draw(num_chunks)
+        chunks = tuple(int(c) for c in self._draw(num_chunks))
+        if any(b <= a for a, b in zip(chunks, chunks[1:])) or any(not 0 <= c < num_chunks for c in chunks):
+            raise ValueError(
+                f"{type(self).__name__}._draw({num_chunks}) returned {chunks}: a selection must be strictly "
+                f"ascending chunk indices in [0, {num_chunks})"
+            )
         return ChunkSelection(chunks, self._cap(num_chunks / self.budget))
 
     @abstractmethod
@@ -76,13 +87,21 @@ class ChunkSampler(ABC):
     def _cap(self, factor: float) -> float:
         return factor if self.max_compensation is None else min(factor, self.max_compensation)
 
+    @property
+    def policy(self) -> str:
+        return self.name or type(self).__name__
+
     def state_dict(self) -> dict:
-        return {"policy": self.name, "budget": self.budget, "seed": self.seed, "generator": self.generator.get_state()}
+        return {"policy": self.policy, "budget": self.budget, "seed": self.seed, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("policy") != self.name:
-            raise ValueError(f"sampler state is for policy {state.get('policy')!r}, this sampler is {self.name!r}")
+        """Restore a saved state: the following selections replay those after the save."""
+        if state.get("policy") != self.policy:
+            raise ValueError(f"sampler state is for policy {state.get('policy')!r}, this sampler is {self.policy!r}")
+        if state.get("budget") != self.budget:
+            raise ValueError(f"sampler state was saved with budget {state.get('budget')}, this sampler has {self.budget}")
         self.generator.set_state(state["generator"])
+        self.seed = state.get("seed", self.seed)
 
 
 class UniformSampler(ChunkSampler):
@@ -108,10 +127,23 @@ class BernoulliSampler(ChunkSampler):
 SAMPLERS = {cls.name: cls for cls in (UniformSampler, BernoulliSampler)}
 
 
-def make_sampler(sampling, *, budget: int, max_compensation: float | None, seed: int) -> ChunkSampler:
-    """A sampler from a policy name (`uniform`, `bernoulli`) or a ready `ChunkSampler` instance."""
+def make_sampler(sampling, *, budget: int | None, max_compensation: float | None, seed: int | None) -> ChunkSampler:
+    """A sampler from a policy name (`uniform`, `bernoulli`) or a ready `ChunkSampler` instance.
+
+    With an instance, the other options belong to it: giving different ones here is an error rather
+    than being silently ignored.
+    """
     if isinstance(sampling, ChunkSampler):
+        given = {"budget": budget, "max_compensation": max_compensation, "seed": seed}
+        for option, value in given.items():
+            if value is not None and value != getattr(sampling, option):
+                raise ValueError(
+                    f"{option}={value!r} conflicts with the sampler instance's {option}="
+                    f"{getattr(sampling, option)!r}; set it on the sampler, not on SpaCO"
+                )
         return sampling
     if sampling not in SAMPLERS:
         raise ValueError(f"unknown sampling policy {sampling!r}; choose one of {', '.join(map(repr, SAMPLERS))}")
-    return SAMPLERS[sampling](budget=budget, max_compensation=max_compensation, seed=seed)
+    if budget is None:
+        raise ValueError("budget is required: how many chunks SpaCO backpropagates per step")
+    return SAMPLERS[sampling](budget=budget, max_compensation=max_compensation, seed=0 if seed is None else seed)
