@@ -71,10 +71,15 @@ def _restore_rng(state: tuple, devices: list[torch.device]) -> None:
 def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache: ChunkCache) -> dict:
     """Keyword arguments of the model call for one chunk: its tokens, positions s..e-1, mask [0, e)."""
     start, end = batch.bounds[chunk]
-    position_ids = torch.arange(start, end, device=batch.input_ids.device).unsqueeze(0)
+    position_ids = torch.arange(start, end, device=batch.targets.device).unsqueeze(0)
     mask = None if batch.attention_mask is None else batch.attention_mask[:, :end]
+    tokens = (
+        {"input_ids": batch.input_ids[:, start:end]}
+        if batch.inputs_embeds is None
+        else {"inputs_embeds": batch.inputs_embeds[:, start:end]}
+    )
     return {
-        "input_ids": batch.input_ids[:, start:end],
+        **tokens,
         "position_ids": position_ids,
         "attention_mask": mask,
         handle.cache_kwarg: cache,
@@ -82,10 +87,10 @@ def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache
     }
 
 
-def _chunk_loss(handle: CausalLMHandle, batch: ChunkedBatch, chunk: int, inputs: dict) -> torch.Tensor:
+def _chunk_loss(model: torch.nn.Module, batch: ChunkedBatch, chunk: int, inputs: dict) -> torch.Tensor:
     """The chunk's summed token loss over the batch normaliser (runs the full model, LM head included)."""
     start, end = batch.bounds[chunk]
-    logits = handle.lm(**inputs).logits
+    logits = model(**inputs).logits
     return chunk_loss_sum(logits, batch.targets[:, start:end]) / batch.normaliser
 
 
@@ -111,7 +116,7 @@ def forward_checkpoints(
         cache.prepare(num_past=chunk, record=True)
         inputs = _chunk_inputs(batch, chunk, handle, cache)
         if chunk in report_only:
-            reported[chunk] = _chunk_loss(handle, batch, chunk, inputs)
+            reported[chunk] = _chunk_loss(handle.lm, batch, chunk, inputs)
         else:
             handle.decoder(**inputs)  # the transformer body only: its KV is all stage 2 needs
         cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
@@ -119,17 +124,23 @@ def forward_checkpoints(
 
 
 def backward_chunk(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, factor: float
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, factor: float, sync: bool = False
 ) -> torch.Tensor | None:
     """Stage 2 for one chunk: rebuild its graph on the stored past and backpropagate loss + KV relay.
 
     The caller restores the RNG state stage 1 saw before this chunk. Returns the chunk's (unscaled)
     loss, or None if the chunk had no target.
+
+    Args:
+        factor: SpaCO compensation applied to the loss and the relay (1 for SeCO).
+        sync: run this chunk through the DDP wrapper, whose backward then all-reduces the gradients
+            accumulated by every chunk of the step. It always backpropagates, LM head included, so
+            every parameter takes part in the all-reduce.
     """
     is_last = chunk == batch.num_chunks - 1
     relay_in = [] if is_last else [leaf.grad for leaf in cache.checkpoint(chunk)]
     has_relay = any(g is not None for g in relay_in)
-    if not batch.chunk_has_targets[chunk] and not has_relay:
+    if not batch.chunk_has_targets[chunk] and not has_relay and not sync:
         return None  # nothing flows through this chunk: no target, and no later chunk read its KV
 
     cache.prepare(num_past=chunk, record=False)
@@ -137,8 +148,8 @@ def backward_chunk(
     with torch.enable_grad():
         loss = None
         outputs, seeds = [], []
-        if batch.chunk_has_targets[chunk]:
-            loss = _chunk_loss(handle, batch, chunk, inputs)
+        if batch.chunk_has_targets[chunk] or sync:
+            loss = _chunk_loss(handle.ddp if sync else handle.lm, batch, chunk, inputs)
             outputs.append(loss)
             seeds.append(torch.full_like(loss, factor))
         else:
@@ -176,23 +187,28 @@ class SeCO:
         self.model = model
         self.handle = inspect_causal_lm(model)
 
-    def backward(self, input_ids, *, labels=None, attention_mask=None, num_items=None) -> ChunkwiseOutput:
+    def backward(
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None
+    ) -> ChunkwiseOutput:
         """Accumulate the gradient of the batch's mean token loss into the trainable parameters' `.grad`.
 
         Gradients add up across calls, like `loss.backward()`, so gradient accumulation just works.
 
         Args:
             input_ids: `[B, T]` token ids.
+            inputs_embeds: `[B, T, H]` input embeddings instead of `input_ids` (soft prompts, a vision
+                tower's output, ...); their gradient flows back into whatever produced them.
+                `labels` are then required.
             labels: `[B, T]` labels aligned with `input_ids` (shifted inside, once over the whole
                 sequence); -100 is ignored. Default: `input_ids`, with padded positions ignored.
             attention_mask: `[B, T]`, 1 for tokens and 0 for right padding.
             num_items: divide the summed token loss by this instead of the batch's valid-target count
                 (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
         """
-        batch = self._chunk(input_ids, labels, attention_mask, num_items)
-        return self._run(batch, select_all(batch.num_chunks))
+        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
+        return self._run(batch, select_all(batch.num_chunks), inputs_embeds)
 
-    def _chunk(self, input_ids, labels, attention_mask, num_items) -> ChunkedBatch:
+    def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items) -> ChunkedBatch:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameters (every requires_grad is False); nothing to train")
         if any(getattr(module, "gradient_checkpointing", False) for module in self.handle.lm.modules()):
@@ -207,19 +223,22 @@ class SeCO:
         device = self.handle.lm.get_input_embeddings().weight.device
         return chunk_batch(
             input_ids,
+            inputs_embeds=inputs_embeds,
             labels=labels,
             attention_mask=attention_mask,
             num_items=num_items,
             chunk_size=self.chunk_size,
             vocab_size=self.handle.vocab_size,
+            hidden_size=self.handle.hidden_size,
             device=device,
         )
 
-    def _run(self, batch: ChunkedBatch, selection: ChunkSelection) -> ChunkwiseOutput:
-        if batch.num_targets == 0:
-            # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0).
-            zero = torch.zeros((), device=batch.input_ids.device)
-            return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
+    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None) -> ChunkwiseOutput:
+        device = batch.targets.device
+        if batch.num_targets == 0 and not self._syncs_gradients():
+            # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). Under DDP the
+            # step still runs, adding zero, so that this rank joins the all-reduce.
+            return ChunkwiseOutput(torch.zeros((), device=device), 0, batch.num_chunks, (), selection.compensation)
 
         devices = _rng_devices(self.handle.lm)
         cache = ChunkCache()
@@ -227,16 +246,30 @@ class SeCO:
         unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]}
         rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)
 
+        # Under DDP the step's last backward goes through the wrapper (one all-reduce per step). If
+        # SpaCO selected nothing, this rank still joins the all-reduce, with a zero-weighted chunk 0.
+        visits = [(chunk, selection.compensation) for chunk in reversed(selection.chunks)]
+        if self._syncs_gradients() and not visits:
+            visits = [(0, 0.0)]
         # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
         with torch.random.fork_rng(devices=devices):
-            for chunk in reversed(selection.chunks):
+            for step, (chunk, factor) in enumerate(visits):
                 if chunk < len(rng_states):
                     _restore_rng(rng_states[chunk], devices)
-                loss = backward_chunk(self.handle, batch, cache, chunk, factor=selection.compensation)
+                sync = self._syncs_gradients() and step == len(visits) - 1
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=sync)
                 if loss is not None:
                     losses[chunk] = loss
-        total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=batch.input_ids.device)
+        if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
+            # Every chunk's gradient is in the leaf now: walk the caller's graph once.
+            inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
+        total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation)
+
+    def _syncs_gradients(self) -> bool:
+        """True when a DDP wrapper should all-reduce at the end of this step (not inside `no_sync()`)."""
+        ddp = self.handle.ddp
+        return ddp is not None and ddp.require_backward_grad_sync and torch.is_grad_enabled()
 
 
 class SpaCO(SeCO):
@@ -269,10 +302,12 @@ class SpaCO(SeCO):
         self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
         super().__init__(model, chunk_size=chunk_size)
 
-    def backward(self, input_ids, *, labels=None, attention_mask=None, num_items=None) -> ChunkwiseOutput:
+    def backward(
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None
+    ) -> ChunkwiseOutput:
         """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`."""
-        batch = self._chunk(input_ids, labels, attention_mask, num_items)
-        return self._run(batch, self.sampler.select(batch.num_chunks))
+        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
+        return self._run(batch, self.sampler.select(batch.num_chunks), inputs_embeds)
 
     def state_dict(self) -> dict:
         """The sampler's state, for checkpoints: restoring it replays the same selections."""

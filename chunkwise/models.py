@@ -27,16 +27,30 @@ class CausalLMHandle:
         cache_kwarg: the keyword under which `lm` and `decoder` take a `Cache` (`cache` in recent
             transformers releases, `past_key_values` in older 5.x ones).
         vocab_size: number of rows of the output embedding; token ids must be below it.
+        hidden_size: width of the input embeddings; `inputs_embeds` must end in it.
+        ddp: the `DistributedDataParallel` wrapper around the model, if any. Only the last backward of
+            a step runs through it, so gradients are all-reduced once per step, not once per chunk.
     """
 
     lm: PreTrainedModel
     decoder: torch.nn.Module
     cache_kwarg: str
     vocab_size: int
+    hidden_size: int
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """Return the Hugging Face model inside `model` (a PEFT wrapper is looked through)."""
+    """Return the Hugging Face model inside `model` (DDP and PEFT wrappers are looked through)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    wrapper = type(model).__name__
+    if wrapper in ("DeepSpeedEngine", "FullyShardedDataParallel") or hasattr(model, "_fsdp_wrapped_module"):
+        raise TypeError(
+            f"chunkwise cannot train through a {wrapper}: its engine owns the backward pass and would "
+            "synchronise gradients on every chunk. Use DistributedDataParallel (torchrun / accelerate "
+            "multi-GPU) for now."
+        )
     get_base_model = getattr(model, "get_base_model", None)
     if callable(get_base_model) and not isinstance(model, PreTrainedModel):
         model = get_base_model()
@@ -86,7 +100,9 @@ def inspect_causal_lm(model: torch.nn.Module) -> CausalLMHandle:
             "between chunks. chunkwise supports models whose forward() takes `cache` (or `past_key_values`)."
         )
     vocab_size = lm.get_output_embeddings().weight.shape[0]
-    return CausalLMHandle(lm=lm, decoder=decoder, cache_kwarg=cache_kwarg, vocab_size=vocab_size)
+    hidden_size = lm.get_input_embeddings().weight.shape[1]
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    return CausalLMHandle(lm, decoder, cache_kwarg, vocab_size, hidden_size, ddp)
 
 
 # ---------------------------------------------------------------------------------------------------
