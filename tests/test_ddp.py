@@ -128,3 +128,18 @@ def test_rank_without_targets_still_joins_the_all_reduce(ranks):
     only_rank0 = single_process_grads([(rank_batch(0, 3), {"num_items": SEQ - 1})])
     for name, grad in only_rank0.items():
         torch.testing.assert_close(ranks[1]["step3"][name], grad / WORLD, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_torchrun_example_runs_as_documented():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "examples/torchrun_seco.py"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "step 4: loss" in result.stdout
