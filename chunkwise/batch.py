@@ -74,6 +74,11 @@ def _check_right_padded(mask: torch.Tensor) -> None:
         raise ValueError("attention_mask has a row with no real token; drop empty rows from the batch")
 
 
+def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Labels when the caller gives none: the inputs `[B, T]`, with padded positions (mask 0) set to -100."""
+    return input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
 def _check_embeddings(inputs_embeds, hidden_size: int) -> None:
     if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
         raise TypeError("inputs_embeds must be a floating-point torch.Tensor of shape [batch, seq_len, hidden]")
@@ -136,7 +141,7 @@ def chunk_batch(
             attention_mask = None  # no padding: let the model use its plain causal mask
 
     if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labels = default_labels(input_ids, attention_mask)
     else:
         _check_token_tensor("labels", labels, like=shape_like, like_name=input_name)
         labels = labels.to(device)
