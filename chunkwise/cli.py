@@ -1,14 +1,17 @@
 """`chunkwise` command line: each subcommand maps to one plain, typed function.
 
     chunkwise verify --model tiny-llama --seq-len 256 --chunk-size 32
+    chunkwise bench --lengths 1024,2048,4096 --output bench-results
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -95,6 +98,94 @@ def verify(
     return 1
 
 
+# Binary units, as memory is counted: 1K = 1024 bytes.
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """`1073741824`, `1024M`, `1GiB`, `1.5G` -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"{option} must be a positive number of bytes such as 2147483648, 2048M or 2GiB; got {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).upper()])
+
+
+def _parse_list(text: str, option: str, convert=str) -> tuple:
+    try:
+        items = tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        items = ()
+    if not items:
+        raise UsageError(f"{option} must be a comma-separated list, e.g. {'1024,2048' if convert is int else 'full,seco'}; got {text!r}")
+    return items
+
+
+def bench(
+    *,
+    model: str | None = None,
+    methods: str = "forward,full,ckpt,seco,spaco",
+    lengths: str | None = None,
+    chunk_size: int | None = None,
+    budget: int = 8,
+    dtype: str = "auto",
+    device: str = "auto",
+    lora_r: int = 0,
+    batch_size: int = 1,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    output: str = "bench-results",
+    quick: bool = False,
+    max_memory: str | None = None,
+    max_length: int | None = None,
+    memory_cap: str | None = None,
+    threads: int | None = None,
+    case_timeout: float | None = None,
+    seed: int = 0,
+) -> int:
+    """Benchmark step time and peak memory per method and length; write bench.md/json/png to `output`.
+
+    Returns 0 when every case ran or ran out of memory, 1 when a case failed otherwise.
+    """
+    from .bench import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # --quick: a ~1M-parameter model on short sequences, the whole run in well under two minutes on
+    # two CPU cores. Options given explicitly still win.
+    settings = BenchSettings(
+        model=model or ("quick" if quick else DEFAULT_MODEL),
+        methods=_parse_list(methods, "--methods"),
+        lengths=_parse_list(lengths or ("256,512,1024" if quick else "1024,2048,4096"), "--lengths", int),
+        chunk_size=chunk_size or (64 if quick else 512),
+        budget=budget,
+        dtype=dtype,
+        device=device,
+        lora_r=lora_r,
+        batch_size=batch_size,
+        repeats=repeats or (2 if quick else 3),
+        warmup=1 if warmup is None else warmup,
+        memory_cap=None if memory_cap is None else parse_bytes(memory_cap, "--memory-cap"),
+        max_memory=None if max_memory is None else parse_bytes(max_memory, "--max-memory"),
+        max_length=max_length,
+        # One thread for the quick model: its ops are too small to gain from threads, and a single
+        # thread is not slowed down by other processes the way a waiting thread team is.
+        threads=threads or (1 if quick else None),
+        timeout_s=case_timeout,
+        seed=seed,
+    )
+    report = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = write_outputs(report, Path(output))
+    print(paths["table"].read_text(), end="")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    probes = [p for search in report.searches for p in search.probes]
+    failed = [r for r in report.results + probes if r.status in ("error", "timeout")]
+    for result in failed:
+        print(f"{result.case.method} @ {result.case.seq_len}: {result.status}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkwise", description="Fine-tune long-context causal LMs chunk by chunk (SeCO / SpaCO)."
@@ -117,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=int, default=1)
     check.add_argument("--lora-r", type=int, default=0, help="wrap the model in a LoRA adapter of this rank (0: full parameters)")
     check.add_argument("--seed", type=int, default=0)
+
+    run = commands.add_parser(
+        "bench",
+        help="measure step time and peak memory of forward, full, ckpt, seco and spaco",
+        description="Measure each (method, sequence length) case in a fresh process: median step time and "
+        "peak memory above the loaded model. Writes bench.md (table), bench.json (raw numbers, machine) "
+        "and bench.png (plots) to --output and prints the table. Models: quick, llama-56m (default), "
+        "llama-1b, llama-8b (random weights from Llama configs), a tiny preset, or a local directory.",
+    )
+    run.add_argument("--model", default=None, help="benchmark model, tiny preset or local directory (default llama-56m; quick with --quick)")
+    run.add_argument("--methods", default="forward,full,ckpt,seco,spaco", help="comma-separated subset of forward,full,ckpt,seco,spaco")
+    run.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 1024,2048,4096; 256,512,1024 with --quick)")
+    run.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk for seco/spaco (default 512; 64 with --quick)")
+    run.add_argument("--budget", type=int, default=8, help="SpaCO chunks backpropagated per step, uniform sampling (default 8)")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"], default="auto", help="default: float32 on CPU, bfloat16 on CUDA")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank on q_proj/v_proj (0: all parameters)")
+    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--repeats", type=int, default=None, help="measured steps per case; the median is reported (default 3; 2 with --quick)")
+    run.add_argument("--warmup", type=int, default=None, help="unmeasured steps before them (default 1)")
+    run.add_argument("--output", default="bench-results", help="directory for bench.md, bench.json, bench.png")
+    run.add_argument("--quick", action="store_true", help="tiny model, short lengths: a smoke run in well under two minutes")
+    run.add_argument("--max-memory", default=None, metavar="BYTES", help="also find, per method, the longest sequence whose peak stays within BYTES above the loaded model (e.g. 2GiB)")
+    run.add_argument("--max-length", type=int, default=None, help="with --max-memory: double the length no further than this")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads per case (default: one per core; 1 with --quick)")
+    run.add_argument("--memory-cap", default=None, metavar="BYTES", help="fail a case (recorded as OOM) that allocates more than BYTES above its baseline")
+    run.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS", help="give up on a case after this long (recorded as timeout)")
+    run.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -128,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             return verify(**options)
+        if args.command == "bench":
+            return bench(**options)
     except (UsageError, ValueError, TypeError, OSError) as error:
         if args.debug:
             raise
