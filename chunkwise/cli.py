@@ -2,6 +2,8 @@
 
     chunkwise verify --model tiny-llama --seq-len 256 --chunk-size 32
     chunkwise bench --lengths 1024,2048,4096 --output bench-results
+    chunkwise train                      # the built-in demo; see `chunkwise train --help`
+    chunkwise eval --model runs/chunkwise
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .checkpoint import CheckpointError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Default pass/fail line per dtype. Differences from chunking are rounding only (Llama-like models show
@@ -186,6 +190,64 @@ def bench(
     return 1 if failed else 0
 
 
+def train(given: dict) -> int:
+    """`chunkwise train`: options the user gave override the run's saved settings (on --resume) or the defaults."""
+    from .run import is_run_directory, read_run_settings
+    from .train import TrainConfig, TrainingError, train as run_training
+
+    output = given.get("output", TrainConfig.output)
+    settings = {}
+    if given.get("resume") and is_run_directory(Path(output).expanduser()):
+        settings = {k: v for k, v in read_run_settings(Path(output).expanduser()).items() if k in TrainConfig.__dataclass_fields__}
+        settings.update(resume=True, overwrite=False)
+    settings.update(given)
+    config = TrainConfig(**settings)
+    try:
+        result = run_training(config)
+    except TrainingError as error:
+        print(f"chunkwise train: {error}", file=sys.stderr)
+        return 1
+    _print_summary(result)
+    return 128 + int(result.interrupted) if result.interrupted else 0  # the shell's code for "killed by signal"
+
+
+def _print_summary(result) -> None:
+    if result.first_loss is None:
+        return
+    print(f"loss: {result.first_loss:.4f} at the first step -> {result.last_loss:.4f} at step {result.step}"
+          + (f" ({result.skipped_steps} steps skipped: non-finite)" if result.skipped_steps else ""))
+    if result.evaluations:
+        first, last = result.evaluations[0], result.evaluations[-1]
+        print(f"held-out accuracy: {first['accuracy']:.1%} at step {first['step']} -> {last['accuracy']:.1%} at step "
+              f"{last['step']} (chance {last['chance']:.1%}); held-out loss {first['loss']:.4f} -> {last['loss']:.4f}")
+
+
+def evaluate(given: dict, *, as_json: bool) -> int:
+    """`chunkwise eval`: score documents chunk by chunk and print a table (or JSON)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import EvalConfig, evaluate as run_evaluation
+    from .reporting import format_bytes
+
+    config = EvalConfig(**given)
+    report = run_evaluation(config, log=lambda line: print(line, file=sys.stderr))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0
+    table = Table(title=f"chunkwise eval: {report.model} on {report.data}", title_justify="left")
+    for column in ("documents", "tokens", "longest", "targets", "loss", "perplexity", "accuracy", "peak memory", "tokens/s"):
+        table.add_column(column, justify="right")
+    accuracy = f"{report.accuracy:.1%}" + (f" (chance {report.chance_accuracy:.1%})" if report.chance_accuracy else "")
+    table.add_row(str(report.documents), f"{report.tokens:,}", f"{report.longest_document:,}", f"{report.targets:,}",
+                  f"{report.loss:.4f}", f"{report.perplexity:.3f}", accuracy, format_bytes(report.peak_memory_bytes),
+                  f"{report.tokens_per_s:,.0f}")
+    Console(width=160).print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkwise", description="Fine-tune long-context causal LMs chunk by chunk (SeCO / SpaCO)."
@@ -236,6 +298,75 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-cap", default=None, metavar="BYTES", help="fail a case (recorded as OOM) that allocates more than BYTES above its baseline")
     run.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS", help="give up on a case after this long (recorded as timeout)")
     run.add_argument("--seed", type=int, default=0)
+
+    fit = commands.add_parser(
+        "train",
+        help="fine-tune a causal LM chunk by chunk (with no options: the built-in CPU demo)",
+        description="Train with SeCO, SpaCO or ordinary backprop. Without --model and --data it trains a small "
+        "Llama from scratch on a synthetic long-range recall task (2048-token sequences) on CPU in about two "
+        "minutes. Writes metrics.jsonl, loss.png, checkpoints/ and model/ to --output.",
+        argument_default=argparse.SUPPRESS,  # only options given on the command line override (see --resume)
+    )
+    fit.add_argument("--model", help="hub id, local directory, or tiny preset (default: the demo model, trained from scratch)")
+    fit.add_argument("--data", help=".txt file or folder, .jsonl, .json/.csv/.parquet, a save_to_disk folder, a hub dataset, or 'synthetic' (default)")
+    fit.add_argument("--output", help="run directory (default runs/chunkwise)")
+    fit.add_argument("--method", choices=["seco", "spaco", "full"], help="seco (default, exact), spaco (sampled chunks), full (ordinary backprop)")
+    fit.add_argument("--chunk-size", type=int, help="tokens per chunk (default 1024; demo 256)")
+    fit.add_argument("--budget", type=int, help="SpaCO: chunks backpropagated per step")
+    fit.add_argument("--sampling", choices=["uniform", "bernoulli"], help="SpaCO chunk selection (default uniform)")
+    fit.add_argument("--max-compensation", type=float, help="SpaCO: cap on the compensation factor (the paper: 2.0)")
+    fit.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096; demo 2048)")
+    fit.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1; demo 8)")
+    fit.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    fit.add_argument("--steps", type=int, help="optimizer steps (default 1000; demo 120)")
+    fit.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 2e-5 full; demo 3e-3)")
+    fit.add_argument("--warmup-ratio", type=float, help="fraction of steps for linear warm-up before cosine decay (default 0.05)")
+    fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    fit.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
+    fit.add_argument("--seed", type=int, help="seed of the model init, data order, dropout and SpaCO sampling (default 0)")
+    fit.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"], help="auto: bfloat16 autocast on a GPU that has it, else float32")
+    fit.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    fit.add_argument("--lora-r", type=int, help="LoRA rank; 0 = full fine-tuning (default 8 with --model, 0 for the demo)")
+    fit.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 x rank)")
+    fit.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0)")
+    fit.add_argument("--lora-targets", help="comma-separated module names for LoRA (default q_proj,v_proj)")
+    fit.add_argument("--text-field", help="JSONL/dataset field with the text (default text)")
+    fit.add_argument("--prompt-field", help="instruction data: field with the prompt (its tokens are not trained on)")
+    fit.add_argument("--response-field", help="instruction data: field with the response")
+    fit.add_argument("--split", help="dataset split (default train)")
+    fit.add_argument("--packing", choices=["pack", "truncate"], help="pack documents into seq-len blocks (default for text) or truncate each (default for instruction data)")
+    fit.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 100; 0: only at the end and on interruption)")
+    fit.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 1)")
+    fit.add_argument("--eval-every", type=int, help="synthetic task: held-out accuracy every N steps (default: demo 40, else 0)")
+    fit.add_argument("--log-every", type=int, help="print a progress line every N steps when not on a terminal (default 10)")
+    fit.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
+    fit.add_argument("--allow-extrapolation", action="store_true", help="allow --seq-len above the model's position limit")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    fit.add_argument("--overwrite", action="store_true", help="replace the run in --output")
+    fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
+
+    score = commands.add_parser(
+        "eval",
+        help="perplexity and accuracy on long documents, chunk by chunk without autograd",
+        description="Score documents with chunked no-grad inference through a KV cache: memory of one chunk's "
+        "activations plus the cache, so documents far longer than a full forward allows can be scored. --model "
+        "takes a run directory, a model or adapter folder, a hub id or a tiny preset.",
+    )
+    score.add_argument("--model", required=True, help="run directory, model/adapter folder, hub id or tiny preset")
+    score.add_argument("--data", default=None, help="documents to score (as train --data); default: the run's data, else the synthetic task")
+    score.add_argument("--seq-len", type=int, default=None, help="synthetic: tokens per sequence (default: the run's); files: at most this many tokens per document (default: all)")
+    score.add_argument("--chunk-size", type=int, default=1024, help="tokens per inference chunk (default 1024)")
+    score.add_argument("--batch-size", type=int, default=1)
+    score.add_argument("--num-sequences", type=int, default=32, help="synthetic: held-out sequences (default 32)")
+    score.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    score.add_argument("--device", default="auto")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--text-field", default="text")
+    score.add_argument("--prompt-field", default=None)
+    score.add_argument("--response-field", default=None)
+    score.add_argument("--split", default="train")
+    score.add_argument("--allow-extrapolation", action="store_true", help="score documents longer than the model's position limit")
+    score.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -249,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
             return verify(**options)
         if args.command == "bench":
             return bench(**options)
-    except (UsageError, ValueError, TypeError, OSError) as error:
+        if args.command == "train":
+            return train(options)
+        if args.command == "eval":
+            as_json = options.pop("as_json")
+            return evaluate(options, as_json=as_json)
+    except (UsageError, ValueError, TypeError, OSError, CheckpointError) as error:
         if args.debug:
             raise
         print(f"chunkwise {args.command}: error: {error}", file=sys.stderr)

@@ -24,12 +24,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, Trainer
+from transformers import Trainer
 
 from .batch import default_labels
 from .engine import ChunkwiseOutput, SeCO, SpaCO
-from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from .models import CausalLMHandle, inspect_causal_lm
+from .evaluate import chunked_loss_sum
+from .loss import IGNORE_INDEX, shift_labels
+from .models import inspect_causal_lm
 from .sampling import SAMPLERS, ChunkSampler, make_sampler
 
 logger = logging.getLogger(__name__)
@@ -263,46 +264,6 @@ def _engine_inputs(inputs: dict, label_name: str) -> dict:
 def _count_targets(labels: torch.Tensor) -> int:
     """Valid next-token targets in `labels` `[B, T]` (after the shift, not -100) — the engine's own count."""
     return int((shift_labels(labels) != IGNORE_INDEX).sum())
-
-
-# ----- evaluation ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def chunked_loss_sum(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of a batch, run chunk by chunk through a `DynamicCache` without autograd.
-
-    Equals the sum of a full-sequence forward's token losses (up to float rounding) with the memory of one
-    chunk's activations plus the KV cache. Same conventions as the engine: labels shifted once over the whole
-    sequence, chunk [s, e) at position_ids s..e-1 with the attention mask sliced to [0, e).
-
-    Args:
-        handle: the model, as `inspect_causal_lm` describes it.
-        batch: `input_ids` `[B, T]` or `inputs_embeds` `[B, T, H]`, `labels` `[B, T]`, optional
-            `attention_mask` `[B, T]` (1 = token, 0 = padding).
-    Returns:
-        A scalar: the sum of the cross-entropy over the valid targets (float32 for half-precision models).
-    """
-    name = "input_ids" if "input_ids" in batch else "inputs_embeds"
-    tokens = batch[name]
-    targets = shift_labels(batch["labels"])
-    mask = batch.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        mask = None  # no padding: the model's plain causal mask, as the engine does
-    cache = DynamicCache()
-    total = None
-    seq_len = tokens.shape[1]
-    for start in range(0, seq_len, chunk_size):
-        end = min(start + chunk_size, seq_len)
-        logits = handle.lm(
-            **{name: tokens[:, start:end], handle.cache_kwarg: cache},
-            position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
-            attention_mask=None if mask is None else mask[:, :end],
-            use_cache=True,
-        ).logits
-        chunk = chunk_loss_sum(logits, targets[:, start:end])
-        total = chunk if total is None else total + chunk
-    return total
 
 
 # ----- the trainer ------------------------------------------------------------------------------------

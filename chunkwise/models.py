@@ -148,10 +148,37 @@ def _tiny_config(preset: str):
         # Alternating sliding (window 8) and global layers, as in Gemma 3.
         common = {**_TINY_COMMON, "num_hidden_layers": 2}
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    if preset == DEMO_MODEL:
+        return demo_config()
     raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
 
 
-TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3")
+DEMO_MODEL = "demo-llama"
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", DEMO_MODEL)
+
+
+def demo_config():
+    """The built-in demo's model: a small Llama over the synthetic task's word-level vocabulary.
+
+    Long position range on purpose: `chunkwise eval` scores it on 32K-token documents.
+    """
+    from transformers import LlamaConfig
+
+    from .data import DEMO_TASK
+
+    return LlamaConfig(
+        vocab_size=DEMO_TASK.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=65536,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
@@ -181,3 +208,40 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, see
             f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
         )
     return AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, dtype=dtype)
+
+
+# ----- device and precision -----------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → the first CUDA device when there is one, else the CPU; other names as torch reads them."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
+    return device
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def training_dtypes(precision: str, device: torch.device, *, frozen_base: bool = False):
+    """`(weights dtype, autocast dtype or None)` for a precision name.
+
+    "auto" is bfloat16 on a GPU that supports it, float32 otherwise. bfloat16/float16 are autocast with
+    float32 weights (the optimizer updates float32 master weights), except frozen base weights under
+    LoRA, which are stored in the low precision to halve their memory (the adapter stays float32).
+    "float64" is for exactness checks: float64 weights, no autocast.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if precision in ("float32", "float64"):
+        return getattr(torch, precision), None
+    low = getattr(torch, precision)
+    return (low if frozen_base else torch.float32), low

@@ -1,0 +1,130 @@
+"""What a training run shows and leaves behind: progress line, `metrics.jsonl`, loss curve PNG.
+
+Kept apart from the training loop so the loop reads as the algorithm's caller and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA's allocator peak on a GPU, peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval", "step": ..., ...}`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records of steps after `step` (a resumed run redoes them); return how many were dropped."""
+        records = self.records()
+        kept = [record for record in records if record["step"] <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return len(records) - len(kept)
+
+
+def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
+    """Training loss per step (raw and smoothed) and any eval loss points; returns the PNG path."""
+    train = [r for r in records if r["kind"] == "train" and r.get("loss") is not None]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"train loss ({window}-step mean)")
+    evals = [r for r in records if r["kind"] == "eval"]
+    if evals:
+        axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (nats / target token)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+class TrainingProgress:
+    """A live progress bar on a terminal; one plain line every `log_every` steps otherwise (logs, CI)."""
+
+    def __init__(self, *, total_steps: int, start_step: int, log_every: int, enabled: bool = True):
+        self.console = Console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.log_every, self.total, self.enabled = log_every, total_steps, enabled
+        self.bar = None
+        if self.live:
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
+
+    def __enter__(self) -> TrainingProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def step(self, record: dict) -> None:
+        loss = "skipped (non-finite)" if record.get("skipped") else f"loss {record['loss']:.4f}"
+        status = f"{loss}  {record['tokens_per_s']:,.0f} tok/s  peak {format_bytes(record['peak_memory_bytes'])}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=record["step"], status=status)
+        elif self.enabled and (record["step"] % self.log_every == 0 or record["step"] == self.total):
+            print(f"step {record['step']:>6}/{self.total}  {status}", file=sys.stderr, flush=True)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)

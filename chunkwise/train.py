@@ -1,0 +1,705 @@
+"""The training recipe behind `chunkwise train`: set up → train → save, with checkpoints and resume.
+
+    config = TrainConfig(model="meta-llama/Llama-3.2-1B", data="books.jsonl", seq_len=16384, chunk_size=1024)
+    result = train(config)
+
+Without a model and data it is the built-in demo: a small Llama trained from scratch on the synthetic
+key→value recall task (`data.RecallTask`), on CPU, in a couple of minutes.
+
+The loop is the engine's caller and nothing else: for each optimizer step it takes the step's
+micro-batches, lets SeCO/SpaCO (or ordinary backprop, `method="full"`) fill `.grad`, clips, steps
+AdamW and the warm-up + cosine schedule, logs, and now and then writes an atomic checkpoint. Data order
+is a pure function of (seed, micro-batch index), and every random state is checkpointed, so a resumed
+run continues with exactly the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
+from .data import DEMO_TASK, PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_seed, load_records, make_sequences, pad_token_id, tokenize_records
+from .engine import SeCO, SpaCO
+from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+from .models import DEMO_MODEL, PRECISIONS, inspect_causal_lm, load_causal_lm, resolve_device, training_dtypes
+from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
+from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
+from .sampling import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("seco", "spaco", "full")
+
+# The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
+DEMO_SETTINGS = dict(seq_len=2048, chunk_size=256, batch_size=8, steps=120, lr=3e-3, warmup_ratio=0.1, eval_every=40)
+# Settings a resumed run may change without changing the trajectory of the steps already planned.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+# ----- settings ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. `None` means "the default for this model/data" (resolved by `resolved()`)."""
+
+    model: str | None = None
+    """Hub id, local directory, or tiny preset; None: the demo model (a small Llama, trained from scratch)."""
+    data: str | None = None
+    """.txt file or folder, .jsonl, .json/.csv/.parquet, a `save_to_disk` folder, a hub dataset, or
+    "synthetic" (the key→value recall task, generated on the fly; the default)."""
+    output: str = "runs/chunkwise"
+    """Run directory: metrics.jsonl, loss.png, checkpoints/, model/."""
+    method: str = "seco"
+    """"seco" (exact gradient), "spaco" (sampled chunks) or "full" (ordinary backprop, for comparison)."""
+    chunk_size: int | None = None
+    """Tokens per chunk (default 1024; the demo 256)."""
+    budget: int | None = None
+    """SpaCO: chunks backpropagated per step (required with method="spaco")."""
+    sampling: str = "uniform"
+    """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks) or "bernoulli" (exactly unbiased)."""
+    max_compensation: float | None = None
+    """SpaCO: cap on the compensation factor (the paper uses 2.0); None: no cap."""
+    seq_len: int | None = None
+    """Tokens per training sequence (default 4096; the demo 2048)."""
+    batch_size: int | None = None
+    """Sequences per micro-batch (default 1; the demo 8)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the loss is normalised over all of their targets)."""
+    steps: int | None = None
+    """Optimizer steps (default 1000; the demo 120)."""
+    lr: float | None = None
+    """Peak learning rate (default 2e-4 with LoRA, 2e-5 full fine-tuning; the demo 3e-3)."""
+    warmup_ratio: float | None = None
+    """Fraction of the steps spent warming the learning rate up linearly, then cosine decay to 0 (default 0.05)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping; the norm is still logged)."""
+    seed: int = 0
+    dtype: str = "auto"
+    """"auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16", "float16" (autocast; with
+    a loss scaler), or "float64" (for exactness checks)."""
+    device: str = "auto"
+    lora_r: int | None = None
+    """LoRA rank; 0 trains every parameter. Default 8 with `--model`, 0 for the demo (trained from scratch)."""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator (default 2 × rank: 16 for r=8, as in the paper)."""
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"
+    text_field: str = "text"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    """Instruction data: the prompt's tokens are context only (label -100), the response's are the targets."""
+    split: str = "train"
+    packing: str | None = None
+    """"pack" (concatenate documents, cut into seq_len blocks; default for text) or "truncate" (one
+    sequence per document; default for instruction data)."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps (0: only at the end and on interruption)."""
+    keep_checkpoints: int = 1
+    eval_every: int | None = None
+    """Synthetic task only: held-out loss and accuracy every N steps (and at the start and end); 0: never."""
+    log_every: int = 10
+    max_bad_steps: int = 5
+    """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    allow_extrapolation: bool = False
+    """Train on sequences longer than the model's position limit (warn instead of refusing)."""
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """Fill the `None` defaults for this model/data and check every setting; returns a new config."""
+        demo = self.model is None and self.data in (None, SYNTHETIC)
+        settings = dataclasses.asdict(self)
+        if demo:
+            for name, value in DEMO_SETTINGS.items():
+                if settings[name] is None:
+                    settings[name] = value
+        lora_r = settings["lora_r"]
+        if lora_r is None:
+            lora_r = 0 if self.model is None else 8
+        defaults = dict(
+            model=DEMO_MODEL if self.model is None else self.model,
+            data=SYNTHETIC if self.data is None else self.data,
+            chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, eval_every=0,
+            lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
+            packing="truncate" if self.prompt_field else "pack",
+        )
+        for name, value in defaults.items():
+            if settings[name] is None:
+                settings[name] = value
+        config = TrainConfig(**settings)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ValueError naming the setting for anything out of range (call on a resolved config)."""
+        positive = ("chunk_size", "seq_len", "batch_size", "grad_accum", "steps", "keep_checkpoints", "log_every", "max_bad_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("checkpoint_every", "eval_every", "lora_r", "lora_alpha", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "spaco" and self.budget is None:
+            raise ValueError("--method spaco needs --budget: how many chunks to backpropagate per step")
+        if self.method != "spaco" and (self.budget is not None or self.max_compensation is not None):
+            raise ValueError("--budget and --max-compensation only apply to --method spaco")
+        if self.sampling not in SAMPLERS:
+            raise ValueError(f"--sampling must be one of {', '.join(SAMPLERS)}, got {self.sampling!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"--packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: its last step, the first and last logged losses, and held-out scores if any."""
+
+    output: Path
+    step: int
+    first_loss: float | None
+    last_loss: float | None
+    skipped_steps: int
+    interrupted: int | None
+    """The signal that stopped the run early (SIGINT, SIGTERM), or None."""
+    evaluations: list[dict]
+
+
+# ----- set-up -----------------------------------------------------------------------------------------
+
+
+def check_position_limit(model_config, length: int, *, allow: bool, option: str = "--seq-len", log=print) -> None:
+    """Refuse (or, if allowed, warn about) sequences beyond the model's trained position range."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or length <= limit:
+        return
+    message = f"{option} {length} is above the model's position limit max_position_embeddings={limit}"
+    if not allow:
+        raise ValueError(f"{message}; lower it, or pass --allow-extrapolation to go beyond it knowingly")
+    log(f"warning: {message}; positions past {limit} are extrapolated (--allow-extrapolation)")
+
+
+def synthetic_task_for(vocab_size: int) -> RecallTask:
+    """The demo task over token ids below `vocab_size`: fewer filler symbols for a smaller vocabulary."""
+    if vocab_size >= DEMO_TASK.vocab_size:
+        return DEMO_TASK
+    room = vocab_size - (DEMO_TASK.vocab_size - DEMO_TASK.num_fillers)
+    if room < 1:
+        raise ValueError(
+            f"the synthetic task needs at least {DEMO_TASK.vocab_size - DEMO_TASK.num_fillers + 1} token ids but the "
+            f"model's vocabulary has {vocab_size}; give --data, or use a model with a larger vocabulary"
+        )
+    return dataclasses.replace(DEMO_TASK, num_fillers=room)
+
+
+def check_output(config: TrainConfig) -> Path:
+    """Refuse to mix runs in one directory unless told to resume or overwrite; nothing is written yet."""
+    output = Path(config.output).expanduser()
+    if config.resume:
+        if not is_run_directory(output):
+            raise ValueError(f"--resume: {output} holds no chunkwise run to continue (no {RUN_FILE}); drop --resume to start one")
+    elif output.exists() and any(output.iterdir()):
+        if not is_run_directory(output):
+            raise ValueError(f"--output {output} is not empty and is not a chunkwise run; choose a new or empty directory")
+        if not config.overwrite:
+            raise ValueError(f"--output {output} holds another run; pass --resume to continue it or --overwrite to replace it")
+    return output
+
+
+def start_run_directory(config: TrainConfig) -> Path:
+    """Create the run directory (replacing a previous run with --overwrite) and record the settings.
+
+    Called only once the model and data have loaded, so a run that fails to start leaves nothing behind.
+    """
+    output = check_output(config)
+    if output.exists() and config.overwrite:
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dataclasses.asdict(config)}
+    (output / RUN_FILE).write_text(json.dumps(record, indent=1))
+    return output
+
+
+def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
+    """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES)."""
+    saved = read_run_settings(output)
+    current = dataclasses.asdict(config)
+    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    if changed:
+        listing = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
+        raise ValueError(f"--resume with different settings than the run in {output} was started with ({listing}); "
+                         "resume with the same settings or start a new run")
+    if saved.get("steps") != config.steps:
+        log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
+
+
+def build_model(config: TrainConfig, device: torch.device):
+    """The model to train (LoRA-wrapped unless lora_r=0) and its tokenizer (None for tiny presets)."""
+    weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
+    model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed)
+    tokenizer = None
+    if config.model == DEMO_MODEL:
+        tokenizer = DEMO_TASK.tokenizer()
+    elif Path(config.model).expanduser().is_dir() or "/" in config.model:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(config.model).expanduser()) if Path(config.model).expanduser().is_dir() else config.model)
+        except (OSError, ValueError) as error:
+            if config.data != SYNTHETIC:
+                raise ValueError(f"cannot load a tokenizer for {config.model} ({str(error).splitlines()[0]}); save one with the model") from None
+    if config.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise ValueError(f"--lora-targets {config.lora_targets!r}: {str(error).splitlines()[0]}") from None
+    return model.to(device), tokenizer
+
+
+class BatchStream:
+    """Micro-batch number `index` → a collated batch; a pure function of (seed, index), so resume needs only the index."""
+
+    def __init__(self, config: TrainConfig, tokenizer, vocab_size: int):
+        self.config = config
+        self.task = synthetic_task_for(vocab_size) if config.data == SYNTHETIC else None
+        self.sequences = None
+        if self.task is None:
+            if tokenizer is None:
+                raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
+            records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
+                                   response_field=config.response_field, split=config.split)
+            documents = tokenize_records(records, tokenizer)
+            self.sequences = make_sequences(documents, seq_len=config.seq_len, packing=config.packing)
+            self.pad = pad_token_id(tokenizer)
+            self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.sequences) if self.sequences is not None else 0
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        size = self.config.batch_size
+        if self.task is not None:
+            return self.task.batch(index, batch_size=size, seq_len=self.config.seq_len, seed=self.config.seed)
+        # Sequence positions index*size ... run through epochs, each a seeded shuffle of the data.
+        rows = [self.sequences[self._position(p)] for p in range(index * size, (index + 1) * size)]
+        return collate(rows, pad_token_id=self.pad)
+
+    def _position(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.sequences))
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.sequences), generator=generator).tolist()}
+        return self._orders[epoch][offset]
+
+
+# ----- distributed (torchrun) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), resolve_device(config.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch.distributed.get_rank(), world_size), device
+
+
+# ----- one optimizer step -----------------------------------------------------------------------------
+
+
+def count_targets(batch: dict) -> int:
+    return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+
+
+def full_backward(model: torch.nn.Module, batch: dict, num_items: float) -> torch.Tensor:
+    """Ordinary backprop of one micro-batch's summed token loss over `num_items`; returns the detached loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+    loss.backward()
+    return loss.detach()
+
+
+def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp) -> float:
+    """Fill `.grad` with the gradient of (sum of the step's token losses) / num_items; return that loss."""
+    total = 0.0
+    for number, batch in enumerate(batches):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        last = number == len(batches) - 1
+        # Under DDP only the step's last micro-batch all-reduces; the engine reads no_sync from the wrapper.
+        sync_context = ddp.no_sync() if ddp is not None and not last else nullcontext()
+        with sync_context, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if engine is None:
+                loss = full_backward(model, batch, num_items)
+            else:
+                loss = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=num_items).loss
+        total += float(loss)
+    return total
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop finishes the step, checkpoints and exits. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, number, frame) -> None:
+        self.signal = number
+        signal.signal(number, self._previous.get(number, signal.SIG_DFL))  # the next one is not caught
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+# ----- the recipe -------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) training as `config` says; see the module docstring."""
+    config = config.resolved()
+    dist, device = init_distributed(config)
+    output = check_output(config)
+    if config.resume and dist.is_main:
+        check_resume_settings(config, output, log)
+    log = log if dist.is_main else (lambda message: None)
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = build_model(config, device)
+    handle = inspect_causal_lm(model)
+    check_position_limit(handle.lm.config, config.seq_len, allow=config.allow_extrapolation, log=log)
+    data = BatchStream(config, tokenizer, handle.vocab_size)
+    _, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
+    if not config.resume and dist.is_main:
+        start_run_directory(config)
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # the run directory exists before any rank writes or reads it
+
+    ddp = None
+    if dist.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trained = ddp or model
+    engine = _make_engine(config, trained)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    state = {"step": 0, "bad_in_a_row": 0, "skipped": 0}
+    metrics = MetricsLog(output / METRICS)
+    if config.resume:
+        state = _load_checkpoint(output, model, optimizer, scheduler, scaler, engine, dist, log)
+        if dist.is_main:
+            metrics.truncate_after(state["step"])
+
+    def save(step: int) -> Path:
+        return _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scaler, engine, state, config, dist)
+
+    evaluations = []
+
+    def evaluate_now(step: int) -> None:
+        if data.task is None or not config.eval_every:
+            return
+        scores = _evaluate_task(handle, data.task, config, device, autocast_dtype)
+        record = {"kind": "eval", "step": step, "loss": scores.loss, "accuracy": scores.accuracy, "chance": data.task.chance_accuracy}
+        evaluations.append(record)
+        if dist.is_main:
+            metrics.append(record)
+            log(f"eval @ step {step}: loss {scores.loss:.4f}, accuracy {scores.accuracy:.1%} (chance {data.task.chance_accuracy:.1%})")
+
+    log(_describe(config, model, device, dist, len(data)))
+    if state["step"] == 0:
+        evaluate_now(0)
+    first_loss = last_loss = None
+    interrupted = None
+    started = time.perf_counter()
+    micro_per_step = config.grad_accum * dist.world_size
+    with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
+        while state["step"] < config.steps:
+            step = state["step"] + 1
+            step_start = time.perf_counter()
+            first_index = state["step"] * micro_per_step
+            batches = [data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
+            local_targets = sum(count_targets(b) for b in batches)
+            (global_targets,) = dist.all_sum([float(local_targets)])
+            # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the
+            # gradient of the mean over every target of the step, as one process with the whole batch.
+            num_items = max(global_targets, 1.0) / dist.world_size / scaler.get_scale() if scaler.is_enabled() else max(global_targets, 1.0) / dist.world_size
+            model.train()
+            loss_sum = step_backward(trained, engine, batches, num_items=num_items, autocast_dtype=autocast_dtype, device=device, ddp=ddp)
+            loss_sum *= num_items  # back to a plain summed token loss (undo the scale, too)
+            (loss_sum,) = dist.all_sum([loss_sum])
+            loss = loss_sum / max(global_targets, 1.0)
+
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf")))
+            finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
+            if finite:
+                scaler.step(optimizer)
+                state["bad_in_a_row"] = 0
+            else:
+                state["bad_in_a_row"] += 1
+                state["skipped"] += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] = step
+
+            seconds = time.perf_counter() - step_start
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size
+            record = {
+                "kind": "train", "step": step, "loss": loss if finite else None, "skipped": not finite,
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            if dist.is_main:
+                metrics.append(record)
+                progress.step(record)
+            if finite:
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+            else:
+                log(f"step {step}: non-finite loss or gradient (loss {loss}, grad norm {grad_norm}); step skipped "
+                    f"({state['bad_in_a_row']} in a row, {state['skipped']} in all)")
+                if state["bad_in_a_row"] >= config.max_bad_steps:
+                    _finish_plot(output, metrics, config, dist)
+                    kept = latest_checkpoint(output)
+                    raise TrainingError(
+                        f"{state['bad_in_a_row']} steps in a row had a non-finite loss or gradient; stopped at step {step} "
+                        f"without saving. Last good checkpoint: {kept or 'none yet'}. Lower --lr, check the data, or "
+                        "raise --max-bad-steps."
+                    )
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                evaluate_now(step)
+            if _stop_requested(stop, dist):
+                interrupted = stop.signal or signal.SIGTERM
+                path = save(step)
+                log(f"interrupted by {signal.Signals(stop.signal).name if stop.signal else 'another rank'} at step {step}; "
+                    f"checkpoint saved to {path}. Continue with the same command and --resume.")
+                break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                save(step)
+
+    if not interrupted:
+        save(state["step"])
+        if dist.is_main:
+            _save_model(output / FINAL_MODEL, model, tokenizer)
+    _finish_plot(output, metrics, config, dist)
+    elapsed = time.perf_counter() - started
+    if dist.is_main and not interrupted:
+        log(f"done: {state['step']} steps in {elapsed:.0f} s; model in {output / FINAL_MODEL}")
+    return TrainResult(output, state["step"], first_loss, last_loss, state["skipped"], interrupted, evaluations)
+
+
+def _make_engine(config: TrainConfig, model: torch.nn.Module):
+    if config.method == "full":
+        return None
+    if config.method == "seco":
+        return SeCO(model, chunk_size=config.chunk_size)
+    return SpaCO(model, chunk_size=config.chunk_size, budget=config.budget, sampling=config.sampling,
+                 max_compensation=config.max_compensation, seed=config.seed)
+
+
+def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:
+    """Every rank stops at the same step if any rank got a signal (no rank waits in a collective alone)."""
+    (requests,) = dist.all_sum([1.0 if stop.signal is not None else 0.0])
+    return requests > 0
+
+
+def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequences: int) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} sequences)"
+    method = config.method + (f" (budget {config.budget}, {config.sampling})" if config.method == "spaco" else "")
+    return (
+        f"chunkwise train: {config.model} ({trainable:,} of {total:,} parameters trained"
+        f"{', LoRA r=' + str(config.lora_r) if config.lora_r else ''}) on {device}"
+        f"{f' x {dist.world_size} ranks' if dist.world_size > 1 else ''}\n"
+        f"  data {what}; {config.batch_size} x {config.seq_len} tokens per micro-batch, {config.grad_accum} per step; "
+        f"{method}, chunks of {config.chunk_size}; {config.steps} steps, lr {config.lr:g}; run directory {config.output}"
+    )
+
+
+@torch.no_grad()
+def _evaluate_task(handle, task: RecallTask, config: TrainConfig, device, autocast_dtype, num_sequences: int = 32):
+    """Held-out loss and accuracy on the synthetic task (a generator stream training never uses)."""
+    from .evaluate import TokenScores, score_batch
+
+    was_training = handle.lm.training
+    handle.lm.eval()
+    scores = TokenScores()
+    for index in range(math.ceil(num_sequences / config.batch_size)):
+        batch = task.batch(index, batch_size=config.batch_size, seq_len=config.seq_len, seed=held_out_seed(config.seed))
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scores = scores + score_batch(handle, batch, chunk_size=config.chunk_size)
+    handle.lm.train(was_training)
+    return scores
+
+
+# ----- saving and loading -----------------------------------------------------------------------------
+
+
+def _save_model(folder: Path, model, tokenizer) -> None:
+    """`save_pretrained` (the adapter alone for a PEFT model) and the tokenizer: loadable without chunkwise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of training output
+    model.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scaler, engine, state, config, dist) -> Path | None:
+    rng = capture_rng_state()
+    ranks_rng = [rng]
+    if dist.world_size > 1:
+        ranks_rng = [None] * dist.world_size
+        torch.distributed.all_gather_object(ranks_rng, rng)
+    if not dist.is_main:
+        torch.distributed.barrier()
+        return None
+
+    def write(folder: Path) -> None:
+        _save_model(folder / MODEL_SUBDIR, model, tokenizer)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(scaler.state_dict(), folder / "scaler.pt")
+        torch.save(ranks_rng, folder / "rng.pt")
+        if isinstance(engine, SpaCO):
+            torch.save(engine.state_dict(), folder / "sampler.pt")
+        (folder / "state.json").write_text(json.dumps({**state, "world_size": dist.world_size, "config": dataclasses.asdict(config)}, indent=1))
+
+    path = save_checkpoint(output, step, write, keep=config.keep_checkpoints)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def _load_checkpoint(output, model, optimizer, scheduler, scaler, engine, dist, log) -> dict:
+    """Restore everything a checkpoint holds; errors name the checkpoint and the file, and delete nothing."""
+    folder = latest_checkpoint(output)
+    if folder is None:
+        raise CheckpointError(f"--resume: {output} has no complete checkpoint yet; start again with --overwrite")
+    verify_checkpoint(folder)
+    state = json.loads((folder / "state.json").read_text())
+    if state.pop("world_size") != dist.world_size:
+        raise CheckpointError(f"{folder} was written by a run with a different number of processes; resume with the same number")
+    state.pop("config", None)
+    _load_weights(model, folder / MODEL_SUBDIR)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+    if isinstance(engine, SpaCO):
+        engine.load_state_dict(torch.load(folder / "sampler.pt", weights_only=False))
+    restore_rng_state(torch.load(folder / "rng.pt", weights_only=False)[dist.rank])
+    log(f"resumed from {folder} (step {state['step']})")
+    return state
+
+
+def _load_weights(model, folder: Path) -> None:
+    """Load the trainable weights a checkpoint's model folder holds into the freshly built `model`."""
+    from safetensors.torch import load_file
+
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(f"{folder}/adapter_model.safetensors does not fit this model (unexpected {unexpected[:3]})")
+        return
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint model folder {folder} has no model.safetensors")
+    weights = {}
+    for file in files:
+        weights.update(load_file(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in weights}
+    really_missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]  # tied weights are shared
+    if really_missing or unexpected:
+        raise CheckpointError(f"{folder} does not fit this model (missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _finish_plot(output: Path, metrics: MetricsLog, config: TrainConfig, dist: Distributed) -> None:
+    if dist.is_main:
+        plot_losses(metrics.records(), output / LOSS_PLOT, title=f"{config.model}: {config.method}, {config.seq_len} tokens")
