@@ -21,6 +21,8 @@ In both modes the forward sees the first `num_past` checkpoints as its past.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -146,3 +148,64 @@ class ChunkCache(Cache):
             if chunk < len(layer.checkpoints):  # the last chunk was never stored
                 layer.checkpoints[chunk] = None
             layer.fresh = None
+
+
+# ----- inference: one preallocated buffer per layer ---------------------------------------------------
+
+
+class BufferLayer(CacheLayerMixin):
+    """One layer's KV for chunked inference: a `[B, H_kv, total_length, D]` buffer filled chunk by chunk.
+
+    Why not transformers' `DynamicCache`: it concatenates the whole past with every chunk, which copies
+    O(k²) data over k chunks and leaves the allocator with a trail of ever larger freed blocks. Here each
+    chunk's keys/values are written once, in place, and attention reads a view of the filled prefix, so
+    memory is exactly the KV of the document, allocated once.
+    """
+
+    is_sliding = False  # every token is kept; the model's own mask applies any sliding window
+
+    def __init__(self, total_length: int):
+        super().__init__()
+        self.total_length = total_length
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, key_dim = key_states.shape
+        self.keys = key_states.new_empty(batch, heads, self.total_length, key_dim)
+        self.values = value_states.new_empty(batch, heads, self.total_length, value_states.shape[-1])
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write this chunk's `[B, H_kv, c, D]` after the past; return views of all `[B, H_kv, S_past + c, D]`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.total_length:
+            raise RuntimeError(f"PreallocatedCache holds {self.total_length} tokens; a chunk ending at {end} does not fit")
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.total_length
+
+
+class PreallocatedCache(Cache):
+    """KV cache for no-grad chunked inference over a sequence of known length (see `BufferLayer`)."""
+
+    def __init__(self, total_length: int):
+        super().__init__(layer_class_to_replicate=partial(BufferLayer, total_length))
+        self.total_length = total_length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(BufferLayer(self.total_length))
+        return self.layers[layer_idx].update(key_states, value_states)

@@ -17,8 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
-
+from .cache import PreallocatedCache
 from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 from .models import CausalLMHandle, inspect_causal_lm
 
@@ -62,8 +61,8 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
     mask = batch.get("attention_mask")
     if mask is not None and bool(mask.all()):
         mask = None  # no padding: the model's plain causal mask, as the engine does
-    cache = DynamicCache()
     seq_len = tokens.shape[1]
+    cache = PreallocatedCache(seq_len)
     for start in range(0, seq_len, chunk_size):
         end = min(start + chunk_size, seq_len)
         logits = handle.lm(
@@ -77,7 +76,7 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
 
 @torch.no_grad()
 def chunked_loss_sum(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of a batch, run chunk by chunk through a `DynamicCache` without autograd.
+    """Summed token loss of a batch, run chunk by chunk through a `PreallocatedCache` without autograd.
 
     Equals the sum of a full-sequence forward's token losses (up to float rounding).
 

@@ -501,7 +501,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
             (global_targets,) = dist.all_sum([float(local_targets)])
             # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the
             # gradient of the mean over every target of the step, as one process with the whole batch.
-            num_items = max(global_targets, 1.0) / dist.world_size / scaler.get_scale() if scaler.is_enabled() else max(global_targets, 1.0) / dist.world_size
+            # float16: the loss scaler's factor goes into the normaliser, so the engine's backward is scaled
+            # exactly as `scaler.scale(loss).backward()` would be.
+            loss_scale = float(scaler.scale(torch.ones((), device=device))) if scaler.is_enabled() else 1.0
+            num_items = max(global_targets, 1.0) / dist.world_size / loss_scale
             model.train()
             loss_sum = step_backward(trained, engine, batches, num_items=num_items, autocast_dtype=autocast_dtype, device=device, ddp=ddp)
             loss_sum *= num_items  # back to a plain summed token loss (undo the scale, too)
