@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch, installed before anything else so no dependency pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The built-in demo: a small Llama learns a long-range recall task with SeCO on CPU (about two minutes).
+demo: setup
+	$(BIN)/chunkwise train --output runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -548,10 +548,11 @@ class RecallTask:
 
     A sequence of `seq_len` tokens:
 
-        <bos> k₁ v₁ k₂ v₂ … k_P v_P   f f f … f   ? k_π1 v_π1  ? k_π2 v_π2 … ? k_πP v_πP
-        └── the pairs, at the start ┘  filler     └── every key queried once, near the end ┘
+        <bos> k₁ v₁ … k_P v_P (× repeats)   f f f … f   ? k_π1 v_π1 … ? k_πP v_πP
+        └── the pairs, at the start ──────┘  filler     └── every key queried once, at the end ┘
 
-    Keys are distinct, values are drawn without replacement, filler tokens are random. Only the
+    Keys are distinct, values are drawn without replacement, filler tokens are random; a value
+    appears nowhere but in the pairs block and in its answer. Only the
     answers (the values in the query section) are labelled, so the loss and accuracy measure one thing:
     can the model carry what it saw at the start across thousands of tokens — through the KV cache
     that chunk-wise training passes from chunk to chunk. Chance accuracy is 1 / `num_values`.
@@ -562,14 +563,17 @@ class RecallTask:
 
     num_pairs: int = 1
     """Key→value pairs per sequence (each is queried once)."""
+    repeats: int = 4
+    """Times the block of pairs is stated at the start (more copies: an easier target to find)."""
     num_keys: int = 32
     num_values: int = 32
-    num_fillers: int = 64
+    num_fillers: int = 8
+    """Filler symbols; few of them make the values stand out, which lets a small model learn in minutes."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "?")
 
     def __post_init__(self):
-        for name in ("num_pairs", "num_keys", "num_values", "num_fillers"):
+        for name in ("num_pairs", "repeats", "num_keys", "num_values", "num_fillers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RecallTask.{name} must be a positive integer, got {value!r}")
@@ -597,7 +601,7 @@ class RecallTask:
 
     def min_length(self) -> int:
         """Shortest sequence that holds the pairs, one filler token and the queries."""
-        return 1 + 2 * self.num_pairs + 1 + 3 * self.num_pairs
+        return 1 + 2 * self.num_pairs * self.repeats + 1 + 3 * self.num_pairs
 
     def tokenizer(self):
         """A word-level `PreTrainedTokenizerFast` over the task's vocabulary (it adds no special tokens itself)."""
@@ -625,7 +629,7 @@ class RecallTask:
         values = (value_base + torch.randperm(self.num_values, generator=generator)[: self.num_pairs]).tolist()
         order = torch.randperm(self.num_pairs, generator=generator).tolist()
 
-        pairs = [bos] + [token for key, value in zip(keys, values) for token in (key, value)]
+        pairs = [bos] + [token for key, value in zip(keys, values) for token in (key, value)] * self.repeats
         queries = [token for i in order for token in (query, keys[i], values[i])]
         num_filler = seq_len - len(pairs) - len(queries)
         filler = (filler_base + torch.randint(self.num_fillers, (num_filler,), generator=generator)).tolist()

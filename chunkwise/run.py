@@ -99,8 +99,12 @@ def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
 
 
 def _tokenizer_or_none(name: str):
-    from .models import TINY_PRESETS
+    from .models import DEMO_MODEL, TINY_PRESETS
 
+    if name == DEMO_MODEL:
+        from .data import DEMO_TASK
+
+        return DEMO_TASK.tokenizer()
     if name in TINY_PRESETS:
         return None
     from transformers import AutoTokenizer

@@ -279,7 +279,7 @@ def test_output_directory_guards(tmp_path, capsys):
     assert code == 2 and "holds no chunkwise run to continue" in error
 
     code, error = run_cli(capsys, "train", *small, "--resume", "--lr", "0.5")
-    assert code == 2 and "lr: 0.003 -> 0.5" in error
+    assert code == 2 and "lr: 0.01 -> 0.5" in error
 
 
 def test_corrupt_checkpoint_is_named_and_kept(tmp_path, capsys):
