@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             as_json = options.pop("as_json")
             return evaluate(options, as_json=as_json)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during training (the first one asks for a checkpoint and a clean stop).
+        print(f"chunkwise {args.command}: stopped by Ctrl-C; the last complete checkpoint, if any, is intact", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, TypeError, OSError, CheckpointError) as error:
         if args.debug:
             raise

@@ -76,7 +76,7 @@ def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
         axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"train loss ({window}-step mean)")
     evals = [r for r in records if r["kind"] == "eval"]
     if evals:
-        axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="eval loss")
+        axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="held-out loss")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (nats / target token)")
     axis.set_title(title)

@@ -103,7 +103,7 @@ def test_demo_shortened_trains_saves_and_evaluates(tmp_path, capsys):
 # ----- LoRA, full fine-tuning, data formats --------------------------------------------------------------
 
 
-def test_lora_trains_only_the_adapter(tmp_path, model_dir, text_file):
+def test_lora_trains_only_the_adapter(tmp_path, model_dir, text_file, capsys):
     output = tmp_path / "lora"
     result = train(quick(output, model=str(model_dir), data=str(text_file), lora_r=4, lr=1e-2))
     assert result.step == 2 and math.isfinite(result.last_loss)
@@ -112,6 +112,14 @@ def test_lora_trains_only_the_adapter(tmp_path, model_dir, text_file):
     assert json.loads((output / "model" / "adapter_config.json").read_text())["r"] == 4
     # LoRA B starts at zero; after two steps with lr 1e-2 it has moved.
     assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name)
+
+    # eval puts the adapter back on the base model named in the run; a whole 600-word document is scored.
+    capsys.readouterr()
+    assert main(["eval", "--model", str(output), "--data", str(text_file), "--chunk-size", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documents"] == 1 and report["longest_document"] == 602  # <bos> + 600 words + <eos>
+    assert report["targets"] == 601 and math.isfinite(report["loss"])
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
 
 
 def test_full_fine_tuning_changes_every_weight_and_reloads(tmp_path, model_dir, text_file):
