@@ -1,13 +1,14 @@
 """The algorithm: SeCO and SpaCO (DESIGN.md §2). Read top to bottom: stage 1, stage 2, the engines.
 
 Stage 1 (`forward_checkpoints`) runs chunks 0..k-2 without autograd through the transformer body
-only (no LM head), storing each chunk's KV as detached leaves in a `ChunkCache`. The last chunk's KV is
-never read by anyone, so it is not run here.
+only (no LM head), storing each chunk's KV in its slot of the `ChunkCache` buffers (no graph). The last
+chunk's KV is never read by anyone, so it is not run here.
 
 Stage 2 (`backward_chunk`) visits chunks from last to first, rebuilds chunk j's graph on top of the
-stored leaves of chunks < j, and backpropagates its loss together with its fresh KV, seeded with the
-gradient later chunks left in its checkpoint's `.grad` — one `torch.autograd.backward` call. Parameter
-gradients accumulate in `.grad`; gradients for earlier chunks' KV accumulate in their leaves.
+stored KV of chunks < j, and backpropagates its loss together with its fresh KV, seeded with the
+gradient later chunks sent to its stored KV (`cache.relay(j)`) — one `torch.autograd.backward` call.
+Parameter gradients accumulate in `.grad`; gradients for earlier chunks' KV accumulate in the cache's
+gradient buffers.
 
 SeCO visits every chunk (exact gradient). SpaCO visits a sampled subset and scales each visited
 chunk's loss and relay by a compensation factor (see `sampling.py`).
@@ -138,7 +139,7 @@ def backward_chunk(
             every parameter takes part in the all-reduce.
     """
     is_last = chunk == batch.num_chunks - 1
-    relay_in = [] if is_last else [leaf.grad for leaf in cache.checkpoint(chunk)]
+    relay_in = [] if is_last else cache.relay(chunk)
     has_relay = any(g is not None for g in relay_in)
     if not batch.chunk_has_targets[chunk] and not has_relay and not sync:
         return None  # nothing flows through this chunk: no target, and no later chunk read its KV
@@ -241,7 +242,7 @@ class SeCO:
             return ChunkwiseOutput(torch.zeros((), device=device), 0, batch.num_chunks, (), selection.compensation)
 
         devices = _rng_devices(self.handle.lm)
-        cache = ChunkCache()
+        cache = ChunkCache(total_length=batch.targets.shape[1])
         selected = set(selection.chunks)
         unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]}
         rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)

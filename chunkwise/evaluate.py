@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from .cache import PreallocatedCache
+from .cache import ChunkCache
 from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 from .models import CausalLMHandle, inspect_causal_lm
 
@@ -62,21 +62,26 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
     if mask is not None and bool(mask.all()):
         mask = None  # no padding: the model's plain causal mask, as the engine does
     seq_len = tokens.shape[1]
-    cache = PreallocatedCache(seq_len)
-    for start in range(0, seq_len, chunk_size):
+    # The training cache in record mode: each chunk's KV is written once into a buffer sized for the
+    # whole document, and attention reads views (transformers' DynamicCache would re-concatenate the
+    # whole past for every chunk).
+    cache = ChunkCache(total_length=seq_len)
+    for number, start in enumerate(range(0, seq_len, chunk_size)):
         end = min(start + chunk_size, seq_len)
+        cache.prepare(num_past=number, record=True)
         logits = handle.lm(
             **{name: tokens[:, start:end], handle.cache_kwarg: cache},
             position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
             attention_mask=None if mask is None else mask[:, :end],
             use_cache=True,
         ).logits
+        cache.commit(end - start)
         yield logits, targets[:, start:end]
 
 
 @torch.no_grad()
 def chunked_loss_sum(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of a batch, run chunk by chunk through a `PreallocatedCache` without autograd.
+    """Summed token loss of a batch, run chunk by chunk through a `ChunkCache` (record mode) without autograd.
 
     Equals the sum of a full-sequence forward's token losses (up to float rounding).
 
