@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, r
 from .data import DEMO_TASK, PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_seed, load_records, make_sequences, pad_token_id, tokenize_records
 from .engine import SeCO, SpaCO
 from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from .models import DEMO_MODEL, PRECISIONS, inspect_causal_lm, load_causal_lm, resolve_device, training_dtypes
+from .models import DEMO_MODEL, PRECISIONS, TINY_PRESETS, inspect_causal_lm, load_causal_lm, resolve_device, training_dtypes
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
 from .sampling import SAMPLERS
@@ -272,21 +272,39 @@ def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
         log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
 
 
+def load_tokenizer(config: TrainConfig):
+    """The model's tokenizer: the demo task's for the demo model, none for tiny presets, else its own."""
+    if config.model == DEMO_MODEL:
+        return DEMO_TASK.tokenizer()
+    if config.model in TINY_PRESETS:
+        return None
+    from transformers import AutoTokenizer
+
+    local = Path(config.model).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else config.model)
+    except (OSError, ValueError) as error:
+        if config.data != SYNTHETIC:  # only file data needs one
+            raise ValueError(f"cannot load a tokenizer for {config.model} ({str(error).splitlines()[0]}); save one with the model") from None
+        return None
+
+
+def read_sequences(config: TrainConfig, tokenizer) -> list | None:
+    """Training rows from the data files (None for the synthetic task). Runs before the model loads, so
+    a problem in the data is reported at once, not after minutes of loading weights."""
+    if config.data == SYNTHETIC:
+        return None
+    if tokenizer is None:
+        raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
+    records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
+                           response_field=config.response_field, split=config.split)
+    return make_sequences(tokenize_records(records, tokenizer), seq_len=config.seq_len, packing=config.packing)
+
+
 def build_model(config: TrainConfig, device: torch.device):
-    """The model to train (LoRA-wrapped unless lora_r=0) and its tokenizer (None for tiny presets)."""
+    """The model to train: loaded (or built from a preset), LoRA-wrapped unless lora_r=0, on `device`."""
     weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
     model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed)
-    tokenizer = None
-    if config.model == DEMO_MODEL:
-        tokenizer = DEMO_TASK.tokenizer()
-    elif Path(config.model).expanduser().is_dir() or "/" in config.model:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(Path(config.model).expanduser()) if Path(config.model).expanduser().is_dir() else config.model)
-        except (OSError, ValueError) as error:
-            if config.data != SYNTHETIC:
-                raise ValueError(f"cannot load a tokenizer for {config.model} ({str(error).splitlines()[0]}); save one with the model") from None
     if config.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -296,25 +314,17 @@ def build_model(config: TrainConfig, device: torch.device):
             model = get_peft_model(model, lora)
         except ValueError as error:
             raise ValueError(f"--lora-targets {config.lora_targets!r}: {str(error).splitlines()[0]}") from None
-    return model.to(device), tokenizer
+    return model.to(device)
 
 
 class BatchStream:
     """Micro-batch number `index` → a collated batch; a pure function of (seed, index), so resume needs only the index."""
 
-    def __init__(self, config: TrainConfig, tokenizer, vocab_size: int):
+    def __init__(self, config: TrainConfig, sequences: list | None, pad: int, vocab_size: int):
         self.config = config
-        self.task = synthetic_task_for(vocab_size) if config.data == SYNTHETIC else None
-        self.sequences = None
-        if self.task is None:
-            if tokenizer is None:
-                raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
-            records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
-                                   response_field=config.response_field, split=config.split)
-            documents = tokenize_records(records, tokenizer)
-            self.sequences = make_sequences(documents, seq_len=config.seq_len, packing=config.packing)
-            self.pad = pad_token_id(tokenizer)
-            self._orders: dict[int, list[int]] = {}
+        self.task = synthetic_task_for(vocab_size) if sequences is None else None
+        self.sequences, self.pad = sequences, pad
+        self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.sequences) if self.sequences is not None else 0
@@ -443,11 +453,13 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
         check_resume_settings(config, output, log)
     log = log if dist.is_main else (lambda message: None)
 
+    tokenizer = load_tokenizer(config)
+    sequences = read_sequences(config, tokenizer)
     torch.manual_seed(config.seed)
-    model, tokenizer = build_model(config, device)
+    model = build_model(config, device)
     handle = inspect_causal_lm(model)
     check_position_limit(handle.lm.config, config.seq_len, allow=config.allow_extrapolation, log=log)
-    data = BatchStream(config, tokenizer, handle.vocab_size)
+    data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, handle.vocab_size)
     _, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
     if not config.resume and dist.is_main:
         start_run_directory(config)

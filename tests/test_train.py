@@ -243,7 +243,13 @@ def test_bad_options_get_one_line(tmp_path, capsys, model_dir, arguments, expect
     assert "\n" not in error
 
 
-def test_data_problems_get_one_line(tmp_path, capsys, model_dir):
+def test_data_problems_get_one_line(tmp_path, capsys, model_dir, monkeypatch):
+    import chunkwise.train as recipe
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(recipe, "load_causal_lm", no_model)  # data errors come first, before any weights load
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "w1 w2 w3"}\n{"text": "w1 w2\n')
     code, error = run_cli(capsys, "train", "--model", str(model_dir), "--data", str(bad_json), "--output", str(tmp_path / "a"))
