@@ -13,6 +13,7 @@ Methods (`METHODS`):
     ckpt     the same with transformers' layer-level activation checkpointing
     seco     chunkwise.SeCO
     spaco    chunkwise.SpaCO, uniform sampling, `budget` chunks backpropagated per step
+    spaco-est  the same with full_loss=False: no LM head for the chunks stage 2 skips (loss estimated)
 
 What is measured, per case:
 
@@ -55,7 +56,9 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("forward", "full", "ckpt", "seco", "spaco")
+METHODS = ("forward", "full", "ckpt", "seco", "spaco", "spaco-est")
+CHUNKED = ("seco", "spaco", "spaco-est")
+DEFAULT_METHODS = ("forward", "full", "ckpt", "seco", "spaco")  # what a run measures unless told otherwise
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The child prints its result on one stdout line that starts with this marker; anything else the model
 # or a library prints is ignored.
@@ -385,7 +388,10 @@ def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor
     if case.method == "seco":
         engine = SeCO(model, chunk_size=case.chunk_size)
     else:
-        engine = SpaCO(model, chunk_size=case.chunk_size, budget=case.budget, sampling="uniform", seed=case.seed)
+        engine = SpaCO(
+            model, chunk_size=case.chunk_size, budget=case.budget, sampling="uniform", seed=case.seed,
+            full_loss=case.method == "spaco",
+        )
 
     def chunkwise_step(input_ids):
         out = engine.backward(input_ids)
@@ -453,7 +459,7 @@ def _set_up(case: BenchCase, device: torch.device, result: CaseResult):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     result.model_info = describe_model(model)
     vocab_size = result.model_info["vocab_size"]
-    if case.method in ("seco", "spaco"):
+    if case.method in CHUNKED:
         result.num_chunks = math.ceil(case.seq_len / case.chunk_size)
     # Priming: one step on 16 tokens in 4 chunks (budget 1 for spaco, so that both its backpropagated and
     # its report-only chunks run) loads code, starts thread pools and sets up allocators before the
@@ -543,7 +549,7 @@ class BenchSettings:
     """
 
     model: str = DEFAULT_MODEL
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     lengths: tuple[int, ...] = (1024, 2048, 4096)
     chunk_size: int = 512
     budget: int = 8
@@ -794,8 +800,8 @@ def markdown_table(report: BenchReport) -> str:
             r = report.result(method, length)
             if r is None:
                 continue
-            chunks = str(r.num_chunks) if method in ("seco", "spaco") else "–"
-            if method == "spaco" and r.backprop_chunks is not None:
+            chunks = str(r.num_chunks) if method in CHUNKED else "–"
+            if method.startswith("spaco") and r.backprop_chunks is not None:
                 chunks = f"{r.backprop_chunks}/{r.num_chunks}"
             if r.ok:
                 memory = r.peak_memory_bytes / MiB

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llama-1b, llama-8b (random weights from Llama configs), a tiny preset, or a local directory.",
     )
     run.add_argument("--model", default=None, help="benchmark model, tiny preset or local directory (default llama-56m; quick with --quick)")
-    run.add_argument("--methods", default="forward,full,ckpt,seco,spaco", help="comma-separated subset of forward,full,ckpt,seco,spaco")
+    run.add_argument("--methods", default="forward,full,ckpt,seco,spaco", help="comma-separated subset of forward,full,ckpt,seco,spaco,spaco-est (SpaCO without the LM head on skipped chunks)")
     run.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 1024,2048,4096; 256,512,1024 with --quick)")
     run.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk for seco/spaco (default 512; 64 with --quick)")
     run.add_argument("--budget", type=int, default=8, help="SpaCO chunks backpropagated per step, uniform sampling (default 8)")

@@ -185,6 +185,7 @@ class SeCO:
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int):
         self.chunk_size = check_chunk_size(chunk_size)
+        self.full_loss = True  # SeCO backpropagates, and so reports, every chunk
         self.model = model
         self.handle = inspect_causal_lm(model)
 
@@ -244,7 +245,11 @@ class SeCO:
         devices = _rng_devices(self.handle.lm)
         cache = ChunkCache(total_length=batch.targets.shape[1])
         selected = set(selection.chunks)
+        # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
+        # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work.
         unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]}
+        if not self.full_loss:
+            unselected = set()
         rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)
 
         # Under DDP the step's last backward goes through the wrapper (one all-reduce per step). If
@@ -264,7 +269,11 @@ class SeCO:
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
-        total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
+        if self.full_loss:
+            total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
+        else:  # the compensated sum over the selected chunks: an estimate of the full loss
+            picked = [losses[c] for c in selection.chunks if c in losses]
+            total = torch.stack(picked).sum() * selection.compensation if picked else torch.zeros((), device=device)
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation)
 
     def _syncs_gradients(self) -> bool:
@@ -288,6 +297,10 @@ class SpaCO(SeCO):
             max_compensation and seed).
         max_compensation: cap on the compensation factor (the paper uses 2.0); None for no cap.
         seed: seed of the sampler's own generator (default 0).
+        full_loss: True (default): `out.loss` is the loss over every chunk; stage 1 runs the LM head on the
+            chunks stage 2 skips to get it. False: those chunks skip the head (a cheaper stage 1) and
+            `out.loss` is the compensated loss of the selected chunks — an unbiased estimate of the full
+            loss when the factor is not capped. The gradient is the same either way.
     """
 
     def __init__(
@@ -299,9 +312,11 @@ class SpaCO(SeCO):
         sampling: str | ChunkSampler = "uniform",
         max_compensation: float | None = None,
         seed: int | None = None,
+        full_loss: bool = True,
     ):
         self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
         super().__init__(model, chunk_size=chunk_size)
+        self.full_loss = full_loss
 
     def backward(
         self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None

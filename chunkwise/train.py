@@ -417,6 +417,64 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
     return total
 
 
+@dataclass
+class _Trainer:
+    """What one optimizer step needs, set up once by `train`."""
+
+    config: TrainConfig
+    dist: Distributed
+    device: torch.device
+    model: torch.nn.Module
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    engine: SeCO | None
+    parameters: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    data: BatchStream
+    autocast_dtype: torch.dtype | None
+
+
+def optimizer_step(trainer: _Trainer, step: int) -> dict:
+    """Optimizer step number `step` (1-based): its micro-batches' backward, clipping, the update unless the
+    loss or gradient is non-finite, the schedule. Returns the step's `metrics.jsonl` record."""
+    config, dist, scaler = trainer.config, trainer.dist, trainer.scaler
+    started = time.perf_counter()
+    first_index = (step - 1) * config.grad_accum * dist.world_size
+    batches = [trainer.data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
+    (global_targets,) = dist.all_sum([float(sum(count_targets(b) for b in batches))])
+    global_targets = max(global_targets, 1.0)
+    # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the gradient
+    # of the mean over every target of the step, as one process with the whole batch. float16: the loss
+    # scaler's factor goes into the normaliser, so the backward is scaled as `scaler.scale(loss)` would be.
+    loss_scale = float(scaler.scale(torch.ones((), device=trainer.device))) if scaler.is_enabled() else 1.0
+    num_items = global_targets / dist.world_size / loss_scale
+    trainer.model.train()
+    loss_sum = step_backward(trainer.ddp or trainer.model, trainer.engine, batches, num_items=num_items,
+                             autocast_dtype=trainer.autocast_dtype, device=trainer.device, ddp=trainer.ddp)
+    (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed token loss, unscaled
+    loss = loss_sum / global_targets
+
+    scaler.unscale_(trainer.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.parameters, config.max_grad_norm or float("inf")))
+    # Under float16 an infinite gradient is the scaler's business (it skips the update and lowers the scale).
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
+    if finite:
+        scaler.step(trainer.optimizer)
+    scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+
+    seconds = time.perf_counter() - started
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size
+    return {
+        "kind": "train", "step": step, "loss": loss if finite else None, "skipped": not finite,
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": trainer.scheduler.get_last_lr()[0],
+        "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+        "peak_memory_bytes": peak_memory_bytes(trainer.device),
+    }
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag; the loop finishes the step, checkpoints and exits. A second Ctrl-C stops at once."""
 
@@ -469,8 +527,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
     ddp = None
     if dist.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    trained = ddp or model
-    engine = _make_engine(config, trained)
+    engine = _make_engine(config, ddp or model)  # under DDP the engine runs the step's last backward through it
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
@@ -506,57 +563,23 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
     first_loss = last_loss = None
     interrupted = None
     started = time.perf_counter()
-    micro_per_step = config.grad_accum * dist.world_size
+    trainer = _Trainer(config, dist, device, model, ddp, engine, parameters, optimizer, scheduler, scaler, data, autocast_dtype)
     with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
         while state["step"] < config.steps:
             step = state["step"] + 1
-            step_start = time.perf_counter()
-            first_index = state["step"] * micro_per_step
-            batches = [data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
-            local_targets = sum(count_targets(b) for b in batches)
-            (global_targets,) = dist.all_sum([float(local_targets)])
-            # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the
-            # gradient of the mean over every target of the step, as one process with the whole batch.
-            # float16: the loss scaler's factor goes into the normaliser, so the engine's backward is scaled
-            # exactly as `scaler.scale(loss).backward()` would be.
-            loss_scale = float(scaler.scale(torch.ones((), device=device))) if scaler.is_enabled() else 1.0
-            num_items = max(global_targets, 1.0) / dist.world_size / loss_scale
-            model.train()
-            loss_sum = step_backward(trained, engine, batches, num_items=num_items, autocast_dtype=autocast_dtype, device=device, ddp=ddp)
-            loss_sum *= num_items  # back to a plain summed token loss (undo the scale, too)
-            (loss_sum,) = dist.all_sum([loss_sum])
-            loss = loss_sum / max(global_targets, 1.0)
-
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf")))
-            finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
-            if finite:
-                scaler.step(optimizer)
-                state["bad_in_a_row"] = 0
-            else:
-                state["bad_in_a_row"] += 1
-                state["skipped"] += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            record = optimizer_step(trainer, step)
             state["step"] = step
-
-            seconds = time.perf_counter() - step_start
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size
-            record = {
-                "kind": "train", "step": step, "loss": loss if finite else None, "skipped": not finite,
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
             if dist.is_main:
                 metrics.append(record)
                 progress.step(record)
-            if finite:
-                first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
+            if not record["skipped"]:
+                state["bad_in_a_row"] = 0
+                first_loss = record["loss"] if first_loss is None else first_loss
+                last_loss = record["loss"]
             else:
-                log(f"step {step}: non-finite loss or gradient (loss {loss}, grad norm {grad_norm}); step skipped "
+                state["bad_in_a_row"] += 1
+                state["skipped"] += 1
+                log(f"step {step}: non-finite loss or gradient; step skipped "
                     f"({state['bad_in_a_row']} in a row, {state['skipped']} in all)")
                 if state["bad_in_a_row"] >= config.max_bad_steps:
                     _finish_plot(output, metrics, config, dist)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from chunkwise import bench
-from chunkwise.bench import METHODS, BenchCase, BenchSettings, CaseResult, longest_within, run_case
+from chunkwise.bench import DEFAULT_METHODS, BenchCase, BenchSettings, CaseResult, longest_within, run_case
 from chunkwise.cli import main, parse_bytes
 
 QUICK_PARAMETERS = 887_424  # the `quick` model: vocab 2048, hidden 128, 2 layers, intermediate 344
@@ -43,7 +43,7 @@ def test_quick_run_writes_table_json_and_plot_and_records_oom(tmp_path, capsys):
     assert data["model"]["parameters"] == QUICK_PARAMETERS
     assert data["model"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # K and V, 2 layers, 2 heads x 32, float32
     results = _by_case(data)
-    assert set(results) == {(m, n) for m in METHODS for n in (256, 1024)}
+    assert set(results) == {(m, n) for m in DEFAULT_METHODS for n in (256, 1024)}
     expected_oom = {("full", 1024)}
     for key, result in results.items():
         if key in expected_oom:

@@ -510,3 +510,28 @@ def test_unnamed_custom_sampler_state_round_trips(model):
     assert sampler.state_dict()["policy"] == "Unnamed"
     with pytest.raises(ValueError, match="saved with budget 1"):
         Unnamed(budget=2).load_state_dict(sampler.state_dict())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "bernoulli"])
+def test_estimated_loss_skips_the_head_and_keeps_the_gradient(model, input_ids, sampling):
+    """full_loss=False: stage 1 runs no LM head; same gradient; out.loss = factor x selected chunks' loss."""
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    try:
+        full, full_grads = run(model, SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=3), input_ids)
+        calls_full = len(head_calls)
+        head_calls.clear()
+        cheap, cheap_grads = run(
+            model, SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=3, full_loss=False), input_ids
+        )
+    finally:
+        hook.remove()
+    assert cheap.selected == full.selected and len(head_calls) == len(cheap.selected) < calls_full == K
+    assert_identical(cheap_grads, full_grads)
+
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    targets = shift_labels(input_ids)
+    per_chunk = [chunk_loss_sum(logits[:, s : s + CHUNK], targets[:, s : s + CHUNK]) / (SEQ - 1) for s in range(0, SEQ, CHUNK)]
+    expected = cheap.compensation * sum(per_chunk[c] for c in cheap.selected)
+    torch.testing.assert_close(cheap.loss, torch.as_tensor(expected, dtype=cheap.loss.dtype), rtol=1e-12, atol=1e-15)
