@@ -18,9 +18,11 @@ data is read, before any model is loaded or step is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,6 +510,28 @@ def _has_target(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
+def read_sequences(
+    path: str,
+    tokenizer,
+    *,
+    seq_len: int | None,
+    packing: str,
+    text_field: str = "text",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    split: str = "train",
+) -> list[Sequence]:
+    """The whole ladder from a data path to rows: `load_records` → `tokenize_records` → `make_sequences`.
+
+    `seq_len=None` keeps every document whole (evaluation of long documents).
+    """
+    records = load_records(path, text_field=text_field, prompt_field=prompt_field, response_field=response_field, split=split)
+    documents = tokenize_records(records, tokenizer)
+    if seq_len is None:
+        seq_len = max(len(document.input_ids) for document in documents)
+    return make_sequences(documents, seq_len=seq_len, packing=packing)
+
+
 def collate(sequences: list[Sequence], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest one.
 
@@ -661,6 +685,27 @@ def held_out_seed(seed: int) -> int:
 
 DEMO_TASK = RecallTask()
 """The task `chunkwise train` runs without `--data` (and the vocabulary of the demo model)."""
+
+
+def synthetic_task_for(vocab_size: int) -> RecallTask:
+    """The demo task over token ids below `vocab_size`: fewer filler symbols for a smaller vocabulary."""
+    if vocab_size >= DEMO_TASK.vocab_size:
+        return DEMO_TASK
+    room = vocab_size - (DEMO_TASK.vocab_size - DEMO_TASK.num_fillers)
+    if room < 1:
+        raise ValueError(
+            f"the synthetic task needs at least {DEMO_TASK.vocab_size - DEMO_TASK.num_fillers + 1} token ids but the "
+            f"model's vocabulary has {vocab_size}; give --data, or use a model with a larger vocabulary"
+        )
+    return dataclasses.replace(DEMO_TASK, num_fillers=room)
+
+
+def held_out_batches(task: RecallTask, *, num_sequences: int, batch_size: int, seq_len: int, seed: int) -> list[dict]:
+    """Evaluation batches of `task` from the held-out stream of training seed `seed` (see `held_out_seed`)."""
+    return [
+        task.batch(index, batch_size=batch_size, seq_len=seq_len, seed=held_out_seed(seed))
+        for index in range(math.ceil(num_sequences / batch_size))
+    ]
 
 
 def pad_token_id(tokenizer) -> int:

@@ -185,7 +185,6 @@ class SeCO:
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int):
         self.chunk_size = check_chunk_size(chunk_size)
-        self.full_loss = True  # SeCO backpropagates, and so reports, every chunk
         self.model = model
         self.handle = inspect_causal_lm(model)
 
@@ -235,7 +234,7 @@ class SeCO:
             device=device,
         )
 
-    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None) -> ChunkwiseOutput:
+    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
         device = batch.targets.device
         if batch.num_targets == 0 and not self._syncs_gradients():
             # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). Under DDP the
@@ -247,9 +246,7 @@ class SeCO:
         selected = set(selection.chunks)
         # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
         # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work.
-        unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]}
-        if not self.full_loss:
-            unselected = set()
+        unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]} if full_loss else set()
         rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)
 
         # Under DDP the step's last backward goes through the wrapper (one all-reduce per step). If
@@ -269,7 +266,7 @@ class SeCO:
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
-        if self.full_loss:
+        if full_loss:
             total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
         else:  # the compensated sum over the selected chunks: an estimate of the full loss
             picked = [losses[c] for c in selection.chunks if c in losses]
@@ -323,7 +320,7 @@ class SpaCO(SeCO):
     ) -> ChunkwiseOutput:
         """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`."""
         batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
-        return self._run(batch, self.sampler.select(batch.num_chunks), inputs_embeds)
+        return self._run(batch, self.sampler.select(batch.num_chunks), inputs_embeds, full_loss=self.full_loss)
 
     def state_dict(self) -> dict:
         """The sampler's state, for checkpoints: restoring it replays the same selections."""

@@ -110,6 +110,17 @@ def score_batch(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> Toke
     return scores
 
 
+def score_batches(handle: CausalLMHandle, batches: list[dict], *, chunk_size: int, device: torch.device, autocast_dtype=None) -> tuple[TokenScores, int]:
+    """Scores summed over collated batches (moved to `device`, under autocast if given), and the tokens read."""
+    scores, tokens = TokenScores(), 0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scores = scores + score_batch(handle, batch, chunk_size=chunk_size)
+        tokens += int(batch["attention_mask"].sum())
+    return scores, tokens
+
+
 # ----- the `chunkwise eval` recipe --------------------------------------------------------------------
 
 
@@ -163,11 +174,10 @@ class EvalReport:
 
 def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     """Score `config.data` with `config.model` chunk by chunk; see the module docstring."""
-    from .data import SYNTHETIC, collate, held_out_seed, load_records, make_sequences, pad_token_id, tokenize_records
-    from .models import resolve_device, training_dtypes
+    from .data import SYNTHETIC, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
+    from .models import check_position_limit, resolve_device, training_dtypes
     from .reporting import peak_memory_bytes
     from .run import load_trained_model
-    from .train import check_position_limit, synthetic_task_for
 
     if config.chunk_size < 1 or config.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive integers")
@@ -182,22 +192,16 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     if data == SYNTHETIC:
         task = synthetic_task_for(handle.vocab_size)
         seq_len = config.seq_len or (settings or {}).get("seq_len") or 2048
-        batches = [
-            task.batch(i, batch_size=config.batch_size, seq_len=seq_len, seed=held_out_seed(config.seed))
-            for i in range(math.ceil(config.num_sequences / config.batch_size))
-        ]
+        batches = held_out_batches(task, num_sequences=config.num_sequences, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed)
         chance = task.chance_accuracy
         documents = len(batches) * config.batch_size
     else:
         if tokenizer is None:
             raise ValueError(f"{config.model} has no tokenizer to read {data}; evaluate a folder saved with its tokenizer")
-        records = load_records(
-            data, text_field=config.text_field, prompt_field=config.prompt_field,
-            response_field=config.response_field, split=config.split,
+        sequences = read_sequences(
+            data, tokenizer, seq_len=config.seq_len, packing="truncate", text_field=config.text_field,
+            prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
         )
-        docs = tokenize_records(records, tokenizer)
-        longest = max(len(d.input_ids) for d in docs)
-        sequences = make_sequences(docs, seq_len=config.seq_len or longest, packing="truncate")
         pad = pad_token_id(tokenizer)
         batches = [
             collate(sequences[i : i + config.batch_size], pad_token_id=pad)
@@ -207,13 +211,8 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     longest = max(b["input_ids"].shape[1] for b in batches)
     check_position_limit(handle.lm.config, longest, allow=config.allow_extrapolation, option="document length", log=log)
 
-    scores, tokens = TokenScores(), 0
     start = time.perf_counter()
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            scores = scores + score_batch(handle, batch, chunk_size=config.chunk_size)
-        tokens += int(batch["attention_mask"].sum())
+    scores, tokens = score_batches(handle, batches, chunk_size=config.chunk_size, device=device, autocast_dtype=autocast_dtype)
     seconds = time.perf_counter() - start
     return EvalReport(
         model=config.model, data=data, documents=documents, tokens=tokens, longest_document=longest,

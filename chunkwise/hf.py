@@ -29,7 +29,7 @@ from transformers import Trainer
 from .batch import default_labels
 from .engine import ChunkwiseOutput, SeCO, SpaCO
 from .evaluate import chunked_loss_sum
-from .loss import IGNORE_INDEX, shift_labels
+from .loss import count_targets
 from .models import inspect_causal_lm
 from .sampling import SAMPLERS, ChunkSampler, make_sampler
 
@@ -261,11 +261,6 @@ def _engine_inputs(inputs: dict, label_name: str) -> dict:
     return batch
 
 
-def _count_targets(labels: torch.Tensor) -> int:
-    """Valid next-token targets in `labels` `[B, T]` (after the shift, not -100) — the engine's own count."""
-    return int((shift_labels(labels) != IGNORE_INDEX).sum())
-
-
 # ----- the trainer ------------------------------------------------------------------------------------
 
 
@@ -370,7 +365,7 @@ class ChunkwiseTrainerMixin:
             if self.args.average_tokens_across_devices:
                 return num_items_in_batch / self.accelerator.num_processes
             return num_items_in_batch
-        return max(_count_targets(labels), 1) * accumulation_steps
+        return max(count_targets(labels), 1) * accumulation_steps
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch: SeCO/SpaCO fills `.grad` where Trainer would call `accelerator.backward(loss)`.
@@ -427,7 +422,7 @@ class ChunkwiseTrainerMixin:
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
             total = chunked_loss_sum(handle, batch, chunk_size=self.chunkwise.chunk_size)
         if num_items_in_batch is None:
-            normaliser = _count_targets(batch["labels"])  # 0 gives NaN, as Trainer's own mean loss does
+            normaliser = count_targets(batch["labels"])  # 0 gives NaN, as Trainer's own mean loss does
         else:
             normaliser = self._chunkwise_normaliser(num_items_in_batch, batch["labels"], 1)
         return (total / normaliser).detach(), None, None

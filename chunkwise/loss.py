@@ -27,6 +27,11 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def count_targets(labels: torch.Tensor) -> int:
+    """Valid next-token targets in `labels` `[B, T]`: after the shift, not -100."""
+    return int((shift_labels(labels) != IGNORE_INDEX).sum())
+
+
 def chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy over the valid (non -100) targets of one chunk.
 

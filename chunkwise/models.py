@@ -215,6 +215,32 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, see
     return AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, dtype=dtype)
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer that goes with `load_causal_lm(name_or_path)`: the synthetic task's for the demo
+    model, none for the tiny presets, else `AutoTokenizer` from the same folder or hub id."""
+    if name_or_path == DEMO_MODEL:
+        from .data import DEMO_TASK
+
+        return DEMO_TASK.tokenizer()
+    if name_or_path in TINY_PRESETS:
+        return None
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
+
+
+def check_position_limit(model_config, length: int, *, allow: bool, option: str = "--seq-len", log=print) -> None:
+    """Refuse (or, if allowed, warn about) sequences beyond the model's trained position range."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or length <= limit:
+        return
+    message = f"{option} {length} is above the model's position limit max_position_embeddings={limit}"
+    if not allow:
+        raise ValueError(f"{message}; lower it, or pass --allow-extrapolation to go beyond it knowingly")
+    log(f"warning: {message}; positions past {limit} are extrapolated (--allow-extrapolation)")
+
+
 # ----- device and precision -----------------------------------------------------------------------
 
 

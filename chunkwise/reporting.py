@@ -5,6 +5,7 @@ Kept apart from the training loop so the loop reads as the algorithm's caller an
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import sys
@@ -72,7 +73,9 @@ def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
     axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
     window = max(1, len(losses) // 20)
     if window > 1:
-        smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        # Trailing mean over up to `window` steps, from running sums.
+        sums = [0.0, *itertools.accumulate(losses)]
+        smoothed = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
         axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"train loss ({window}-step mean)")
     evals = [r for r in records if r["kind"] == "eval"]
     if evals:

@@ -61,7 +61,7 @@ def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoTokenizer
 
-    from .models import load_causal_lm
+    from .models import load_causal_lm, load_tokenizer
 
     folder = Path(path).expanduser()
     settings = None
@@ -69,7 +69,7 @@ def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32):
         settings = read_run_settings(folder)
         folder = model_folder_of_run(folder)
     if not folder.is_dir():
-        return load_causal_lm(path, dtype=dtype), _tokenizer_or_none(path), None
+        return load_causal_lm(path, dtype=dtype), load_tokenizer(path), None
     if is_adapter_folder(folder):
         model = _load_adapter(folder, settings, dtype)
     else:
@@ -96,17 +96,3 @@ def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
             "directory it came from, or set base_model_name_or_path in adapter_config.json"
         )
     return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, seed=seed), str(folder))
-
-
-def _tokenizer_or_none(name: str):
-    from .models import DEMO_MODEL, TINY_PRESETS
-
-    if name == DEMO_MODEL:
-        from .data import DEMO_TASK
-
-        return DEMO_TASK.tokenizer()
-    if name in TINY_PRESETS:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)

@@ -32,10 +32,10 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
-from .data import DEMO_TASK, PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_seed, load_records, make_sequences, pad_token_id, tokenize_records
+from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
 from .engine import SeCO, SpaCO
-from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from .models import DEMO_MODEL, PRECISIONS, TINY_PRESETS, inspect_causal_lm, load_causal_lm, resolve_device, training_dtypes
+from .loss import chunk_loss_sum, count_targets, shift_labels
+from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_tokenizer, resolve_device, training_dtypes
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
 from .sampling import SAMPLERS
@@ -207,30 +207,6 @@ class TrainResult:
 # ----- set-up -----------------------------------------------------------------------------------------
 
 
-def check_position_limit(model_config, length: int, *, allow: bool, option: str = "--seq-len", log=print) -> None:
-    """Refuse (or, if allowed, warn about) sequences beyond the model's trained position range."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is None or length <= limit:
-        return
-    message = f"{option} {length} is above the model's position limit max_position_embeddings={limit}"
-    if not allow:
-        raise ValueError(f"{message}; lower it, or pass --allow-extrapolation to go beyond it knowingly")
-    log(f"warning: {message}; positions past {limit} are extrapolated (--allow-extrapolation)")
-
-
-def synthetic_task_for(vocab_size: int) -> RecallTask:
-    """The demo task over token ids below `vocab_size`: fewer filler symbols for a smaller vocabulary."""
-    if vocab_size >= DEMO_TASK.vocab_size:
-        return DEMO_TASK
-    room = vocab_size - (DEMO_TASK.vocab_size - DEMO_TASK.num_fillers)
-    if room < 1:
-        raise ValueError(
-            f"the synthetic task needs at least {DEMO_TASK.vocab_size - DEMO_TASK.num_fillers + 1} token ids but the "
-            f"model's vocabulary has {vocab_size}; give --data, or use a model with a larger vocabulary"
-        )
-    return dataclasses.replace(DEMO_TASK, num_fillers=room)
-
-
 def check_output(config: TrainConfig) -> Path:
     """Refuse to mix runs in one directory unless told to resume or overwrite; nothing is written yet."""
     output = Path(config.output).expanduser()
@@ -272,33 +248,27 @@ def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
         log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
 
 
-def load_tokenizer(config: TrainConfig):
-    """The model's tokenizer: the demo task's for the demo model, none for tiny presets, else its own."""
-    if config.model == DEMO_MODEL:
-        return DEMO_TASK.tokenizer()
-    if config.model in TINY_PRESETS:
-        return None
-    from transformers import AutoTokenizer
-
-    local = Path(config.model).expanduser()
+def tokenizer_for(config: TrainConfig):
+    """The model's tokenizer (None for tiny presets, and for a model without one on the synthetic task)."""
     try:
-        return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else config.model)
+        return load_tokenizer(config.model)
     except (OSError, ValueError) as error:
         if config.data != SYNTHETIC:  # only file data needs one
             raise ValueError(f"cannot load a tokenizer for {config.model} ({str(error).splitlines()[0]}); save one with the model") from None
         return None
 
 
-def read_sequences(config: TrainConfig, tokenizer) -> list | None:
+def training_sequences(config: TrainConfig, tokenizer) -> list | None:
     """Training rows from the data files (None for the synthetic task). Runs before the model loads, so
     a problem in the data is reported at once, not after minutes of loading weights."""
     if config.data == SYNTHETIC:
         return None
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
-    records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
-                           response_field=config.response_field, split=config.split)
-    return make_sequences(tokenize_records(records, tokenizer), seq_len=config.seq_len, packing=config.packing)
+    return read_sequences(
+        config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
+        prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
+    )
 
 
 def build_model(config: TrainConfig, device: torch.device):
@@ -388,10 +358,6 @@ def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
 # ----- one optimizer step -----------------------------------------------------------------------------
 
 
-def count_targets(batch: dict) -> int:
-    return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
-
-
 def full_backward(model: torch.nn.Module, batch: dict, num_items: float) -> torch.Tensor:
     """Ordinary backprop of one micro-batch's summed token loss over `num_items`; returns the detached loss."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -442,7 +408,7 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     started = time.perf_counter()
     first_index = (step - 1) * config.grad_accum * dist.world_size
     batches = [trainer.data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
-    (global_targets,) = dist.all_sum([float(sum(count_targets(b) for b in batches))])
+    (global_targets,) = dist.all_sum([float(sum(count_targets(b["labels"]) for b in batches))])
     global_targets = max(global_targets, 1.0)
     # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the gradient
     # of the mean over every target of the step, as one process with the whole batch. float16: the loss
@@ -511,8 +477,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
         check_resume_settings(config, output, log)
     log = log if dist.is_main else (lambda message: None)
 
-    tokenizer = load_tokenizer(config)
-    sequences = read_sequences(config, tokenizer)
+    tokenizer = tokenizer_for(config)
+    sequences = training_sequences(config, tokenizer)
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     handle = inspect_causal_lm(model)
@@ -640,19 +606,14 @@ def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequenc
     )
 
 
-@torch.no_grad()
 def _evaluate_task(handle, task: RecallTask, config: TrainConfig, device, autocast_dtype, num_sequences: int = 32):
     """Held-out loss and accuracy on the synthetic task (a generator stream training never uses)."""
-    from .evaluate import TokenScores, score_batch
+    from .evaluate import score_batches
 
     was_training = handle.lm.training
     handle.lm.eval()
-    scores = TokenScores()
-    for index in range(math.ceil(num_sequences / config.batch_size)):
-        batch = task.batch(index, batch_size=config.batch_size, seq_len=config.seq_len, seed=held_out_seed(config.seed))
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            scores = scores + score_batch(handle, batch, chunk_size=config.chunk_size)
+    batches = held_out_batches(task, num_sequences=num_sequences, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
+    scores, _ = score_batches(handle, batches, chunk_size=config.chunk_size, device=device, autocast_dtype=autocast_dtype)
     handle.lm.train(was_training)
     return scores
 
