@@ -164,6 +164,7 @@ class BenchCase:
             limit); None for no cap beyond the CPU's safety limit.
         threads: CPU threads for torch (None: torch's default, one per core).
         seed: seeds the weights, the tokens and SpaCO's sampler.
+        attention: the engines' `attention` option (seco, spaco): "chunkwise" or "model".
     """
 
     method: str
@@ -180,12 +181,15 @@ class BenchCase:
     memory_cap: int | None = None
     threads: int | None = None
     seed: int = 0
+    attention: str = "chunkwise"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.attention not in ("chunkwise", "model"):
+            raise ValueError(f"unknown attention {self.attention!r}; choose chunkwise or model")
         for name in ("seq_len", "chunk_size", "budget", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -386,11 +390,11 @@ def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor
 
         return backprop_step
     if case.method == "seco":
-        engine = SeCO(model, chunk_size=case.chunk_size)
+        engine = SeCO(model, chunk_size=case.chunk_size, attention=case.attention)
     else:
         engine = SpaCO(
             model, chunk_size=case.chunk_size, budget=case.budget, sampling="uniform", seed=case.seed,
-            full_loss=case.method == "spaco",
+            full_loss=case.method == "spaco", attention=case.attention,
         )
 
     def chunkwise_step(input_ids):
@@ -546,6 +550,7 @@ class BenchSettings:
         threads: CPU threads for torch in each case (None: torch's default, one per core).
         timeout_s: give up on a case after this many seconds (None: wait).
         seed: seeds weights, tokens and sampling.
+        attention: the engines' `attention` option (seco, spaco): "chunkwise" or "model".
     """
 
     model: str = DEFAULT_MODEL
@@ -565,6 +570,7 @@ class BenchSettings:
     threads: int | None = None
     timeout_s: float | None = None
     seed: int = 0
+    attention: str = "chunkwise"
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -786,7 +792,8 @@ def markdown_table(report: BenchReport) -> str:
     lines = [
         f"Model `{s.model}` ({info.get('parameters', 0) / 1e6:.1f}M parameters, "
         f"{info.get('trainable_parameters', 0) / 1e6:.1f}M trainable), {s.dtype} on {report.machine['device_name']}; "
-        f"batch {s.batch_size}, chunk size {s.chunk_size}, SpaCO budget {s.budget} (uniform); "
+        f"batch {s.batch_size}, chunk size {s.chunk_size}, SpaCO budget {s.budget} (uniform), "
+        f"{s.attention} attention in the engines; "
         f"median of {s.repeats} step(s) after {s.warmup} warmup step(s).",
         "",
         "| method | length | chunks | step time (s) | time × full | peak memory (MiB) | memory × full |",

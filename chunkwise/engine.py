@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import ATTENTION_CHOICES, chunk_attention
 from .batch import ChunkedBatch, check_chunk_size, chunk_batch
 from .cache import ChunkCache
 from .loss import chunk_loss_sum
@@ -181,11 +182,18 @@ class SeCO:
     Args:
         model: a Hugging Face causal LM, or a PEFT model wrapping one.
         chunk_size: tokens per chunk (the last chunk may be shorter).
+        attention: "chunkwise" (default): a model using SDPA attention runs `chunkwise.attention` during
+            the step, which keeps neither repeated KV heads nor a mask for backward (less memory per
+            token, see docs/benchmarks.md); layers it does not cover (padding, sliding windows, ...)
+            keep SDPA. "model": always the model's own attention.
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int):
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int, attention: str = "chunkwise"):
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_CHOICES))}; got {attention!r}")
         self.chunk_size = check_chunk_size(chunk_size)
         self.model = model
+        self.attention = attention
         self.handle = inspect_causal_lm(model)
 
     def backward(
@@ -235,11 +243,16 @@ class SeCO:
         )
 
     def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
-        device = batch.targets.device
         if batch.num_targets == 0 and not self._syncs_gradients():
             # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). Under DDP the
             # step still runs, adding zero, so that this rank joins the all-reduce.
-            return ChunkwiseOutput(torch.zeros((), device=device), 0, batch.num_chunks, (), selection.compensation)
+            zero = torch.zeros((), device=batch.targets.device)
+            return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
+        with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
+            return self._stages(batch, selection, inputs_embeds, full_loss=full_loss)
+
+    def _stages(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
+        device = batch.targets.device
 
         devices = _rng_devices(self.handle.lm)
         cache = ChunkCache(total_length=batch.targets.shape[1])
@@ -298,6 +311,7 @@ class SpaCO(SeCO):
             chunks stage 2 skips to get it. False: those chunks skip the head (a cheaper stage 1) and
             `out.loss` is the compensated loss of the selected chunks — an unbiased estimate of the full
             loss when the factor is not capped. The gradient is the same either way.
+        attention: as for `SeCO`.
     """
 
     def __init__(
@@ -310,9 +324,10 @@ class SpaCO(SeCO):
         max_compensation: float | None = None,
         seed: int | None = None,
         full_loss: bool = True,
+        attention: str = "chunkwise",
     ):
         self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
-        super().__init__(model, chunk_size=chunk_size)
+        super().__init__(model, chunk_size=chunk_size, attention=attention)
         self.full_loss = full_loss
 
     def backward(

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .attention import chunk_attention
 from .cache import ChunkCache
 from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 from .models import CausalLMHandle, inspect_causal_lm
@@ -69,12 +71,13 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
     for number, start in enumerate(range(0, seq_len, chunk_size)):
         end = min(start + chunk_size, seq_len)
         cache.prepare(num_past=number, record=True)
-        logits = handle.lm(
-            **{name: tokens[:, start:end], handle.cache_kwarg: cache},
-            position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
-            attention_mask=None if mask is None else mask[:, :end],
-            use_cache=True,
-        ).logits
+        with chunk_attention(handle.decoder.config):  # no repeated KV heads, no float mask (see attention.py)
+            logits = handle.lm(
+                **{name: tokens[:, start:end], handle.cache_kwarg: cache},
+                position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
+                attention_mask=None if mask is None else mask[:, :end],
+                use_cache=True,
+            ).logits
         cache.commit(end - start)
         yield logits, targets[:, start:end]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .attention import ATTENTION_CHOICES
 from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
 from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
 from .engine import SeCO, SpaCO
@@ -47,7 +48,8 @@ METHODS = ("seco", "spaco", "full")
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+# Settings a resumed run may change. `attention` changes float rounding only, not the gradient.
+RESUMABLE_CHANGES = {"attention", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 
 
 class TrainingError(Exception):
@@ -78,6 +80,9 @@ class TrainConfig:
     """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks) or "bernoulli" (exactly unbiased)."""
     max_compensation: float | None = None
     """SpaCO: cap on the compensation factor (the paper uses 2.0); None: no cap."""
+    attention: str = "chunkwise"
+    """seco/spaco: "chunkwise" (the engine's attention for SDPA models: no repeated KV heads or mask kept
+    for backward) or "model" (the model's own attention throughout)."""
     seq_len: int | None = None
     """Tokens per training sequence (default 4096; the demo 2048)."""
     batch_size: int | None = None
@@ -172,6 +177,8 @@ class TrainConfig:
             raise ValueError("--method spaco needs --budget: how many chunks to backpropagate per step")
         if self.method != "spaco" and (self.budget is not None or self.max_compensation is not None):
             raise ValueError("--budget and --max-compensation only apply to --method spaco")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.sampling not in SAMPLERS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLERS)}, got {self.sampling!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -581,9 +588,9 @@ def _make_engine(config: TrainConfig, model: torch.nn.Module):
     if config.method == "full":
         return None
     if config.method == "seco":
-        return SeCO(model, chunk_size=config.chunk_size)
+        return SeCO(model, chunk_size=config.chunk_size, attention=config.attention)
     return SpaCO(model, chunk_size=config.chunk_size, budget=config.budget, sampling=config.sampling,
-                 max_compensation=config.max_compensation, seed=config.seed)
+                 max_compensation=config.max_compensation, seed=config.seed, attention=config.attention)
 
 
 def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:

@@ -1,0 +1,322 @@
+"""Attention for one chunk over its stored past: no repeated KV heads, no mask tensor, O(chunk) saved state.
+
+Why the engine brings its own attention. With transformers' SDPA attention, a chunk of `c` queries
+over `S` keys (its past plus itself) keeps, per layer, for backward:
+
+* `repeat_kv`'s copy of K/V for every query head (GQA models): `H / H_kv` × the KV cache, because SDPA
+  only takes grouped heads without a mask;
+* the causal mask `[B, 1, c, S]`, which SDPA turns into floats: 4·c bytes per key.
+
+Both are kept for every layer of the chunk being backpropagated, so SeCO's memory grew by 2.5× the KV
+cache plus its gradient per extra token on the benchmark model (docs/benchmarks.md). Here attention is
+split in two parts that need neither:
+
+* the past (keys `0 .. S-c`): every query sees every key, so no mask. The `G = H / H_kv` query heads
+  that share a KV head are folded into the query axis (`[B, H_kv, G·c, D]`), so the past is read in
+  place, not copied;
+* the chunk's own keys: plain causal over `c × c`, with its (chunk-sized) K/V repeated per head.
+
+The two softmaxes are merged through their log-sum-exps, as flash attention merges key blocks. Backward
+runs each part's backward with the *merged* output and log-sum-exp, which gives each part its exact
+share of the gradient (as ring attention does). What stays alive per layer: views of the cache's K/V
+buffers and chunk-sized tensors.
+
+Two implementations of the same function:
+
+* `_SplitAttention` (CPU): the two parts run on PyTorch's fused CPU flash-attention kernel
+  (`aten._scaled_dot_product_flash_attention_for_cpu`, the one SDPA uses on CPU, with its backward).
+* `_BlockedAttention` (other devices): plain tensor ops, the keys processed in blocks with an online
+  softmax. Correct everywhere; its speed on a GPU is not measured yet (docs/benchmarks.md).
+
+`chunk_attention_forward` is registered with transformers' `AttentionInterface` as "chunkwise_sdpa".
+The engine switches a model whose attention is "sdpa" to it for the duration of a step
+(`chunk_attention`). It takes the case it was written for, exactly: a causal layer, no dropout, no
+soft-capping, sinks or position bias, and a mask that is the plain causal one (no padding, no sliding
+window shorter than the keys). Anything else goes to transformers' SDPA attention unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "chunkwise_sdpa"
+ATTENTION_CHOICES = ("chunkwise", "model")
+
+
+# ----- on CPU: PyTorch's fused flash-attention kernel, run on the two parts -----------------------------
+
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _as_rows(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`[B, H, c, X]` -> `[B, H_kv, G·c, X]`: the G heads sharing a KV head become rows (head h·G+g, query t -> row g·c+t)."""
+    batch, heads, chunk = tensor.shape[:3]
+    return tensor.reshape(batch, kv_heads, heads // kv_heads * chunk, *tensor.shape[3:])
+
+
+class _SplitAttention(torch.autograd.Function):
+    """Causal attention of a chunk at the end of its keys, as past part + own part (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float):
+        # query [B, H, c, D]; key [B, H_kv, S, D]; value [B, H_kv, S, Dv]; S >= c.
+        heads, kv_heads, chunk = query.shape[1], key.shape[1], query.shape[2]
+        past = key.shape[2] - chunk
+        groups = heads // kv_heads
+        own_keys, own_values = repeat_kv(key[:, :, past:], groups), repeat_kv(value[:, :, past:], groups)
+        output, log_sum_exp = _cpu_flash(query, own_keys, own_values, 0.0, True, scale=scale)  # lse [B, H, c]
+        if past:
+            past_output, past_lse = _cpu_flash(
+                _as_rows(query, kv_heads), key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale
+            )
+            past_output, past_lse = past_output.reshape(output.shape), past_lse.reshape(log_sum_exp.shape)
+            merged = torch.logaddexp(log_sum_exp, past_lse)
+            output = (
+                torch.exp(log_sum_exp - merged).unsqueeze(-1) * output
+                + torch.exp(past_lse - merged).unsqueeze(-1) * past_output
+            ).to(query.dtype)
+            log_sum_exp = merged
+        ctx.save_for_backward(query, key, value, output, log_sum_exp)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the caller's autocast is active in backward: keep forward's dtypes
+    def backward(ctx, grad_output):
+        query, key, value, output, log_sum_exp = ctx.saved_tensors
+        batch, heads, chunk, _ = query.shape
+        kv_heads = key.shape[1]
+        past = key.shape[2] - chunk
+        groups = heads // kv_heads
+        grad_output = grad_output.contiguous()
+        own_keys, own_values = repeat_kv(key[:, :, past:], groups), repeat_kv(value[:, :, past:], groups)
+        grad_query, grad_own_keys, grad_own_values = _cpu_flash_backward(
+            grad_output, query, own_keys, own_values, output, log_sum_exp, 0.0, True, scale=ctx.scale
+        )
+        # Each repeated head's gradient goes back to the KV head it was copied from.
+        grad_key = grad_own_keys.view(batch, kv_heads, groups, chunk, -1).sum(2)
+        grad_value = grad_own_values.view(batch, kv_heads, groups, chunk, -1).sum(2)
+        if past:
+            grad_rows, grad_past_keys, grad_past_values = _cpu_flash_backward(
+                _as_rows(grad_output, kv_heads), _as_rows(query, kv_heads), key[:, :, :past], value[:, :, :past],
+                _as_rows(output, kv_heads), _as_rows(log_sum_exp, kv_heads), 0.0, False, scale=ctx.scale,
+            )
+            grad_query = grad_query + grad_rows.reshape(grad_query.shape)
+            grad_key = torch.cat([grad_past_keys, grad_key], dim=2)
+            grad_value = torch.cat([grad_past_values, grad_value], dim=2)
+        return grad_query, grad_key, grad_value, None
+
+
+# ----- elsewhere: plain tensor ops over key blocks ---------------------------------------------------------
+
+# Scores are computed for one block of keys at a time: `B·H·c × block` elements. Few, large blocks keep
+# the number of kernel launches down on a GPU; the bound keeps the block's scores to 128 MiB in float32.
+_BLOCK_ELEMENTS = 1 << 25
+_MIN_BLOCK = 128
+
+
+def _key_block(query: torch.Tensor) -> int:
+    batch, heads, chunk, _ = query.shape
+    return max(_MIN_BLOCK, _BLOCK_ELEMENTS // (batch * heads * chunk))
+
+
+def _block_scores(queries: torch.Tensor, keys: torch.Tensor, start: int, past: int, groups: int, dtype) -> torch.Tensor:
+    """Scores of all (grouped) queries against keys `[start, start + n)`, causally masked.
+
+    Args:
+        queries: `[B, H_kv, G·c, D]`, already scaled; row `g·c + t` is query `t` of head `g` of the group.
+        keys: `[B, H_kv, n, D]`.
+        past: the number of keys before the chunk; query `t` sees keys `0 .. past + t`.
+        dtype: of the scores; at least float32, so that half-precision scores are not rounded before
+            the softmax (as in flash attention).
+    Returns:
+        `[B, H_kv, G·c, n]`, -inf where the key is in the query's future.
+    """
+    scores = queries.to(dtype) @ keys.to(dtype).transpose(-1, -2)
+    count = keys.shape[-2]
+    if start + count - 1 > past:  # the block reaches into the chunk itself: hide each query's future
+        batch, kv_heads, rows, _ = scores.shape
+        chunk = rows // groups
+        query_position = torch.arange(past, past + chunk, device=scores.device)[:, None]
+        key_position = torch.arange(start, start + count, device=scores.device)[None, :]
+        scores.view(batch, kv_heads, groups, chunk, count).masked_fill_(key_position > query_position, float("-inf"))
+    return scores
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """The same function as `_SplitAttention`, from plain tensor ops: an online softmax over key blocks."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float, block: int):
+        # query [B, H, c, D]; key [B, H_kv, S, D]; value [B, H_kv, S, Dv]; S >= c.
+        batch, heads, chunk, _ = query.shape
+        kv_heads, length = key.shape[1], key.shape[2]
+        groups, past = heads // kv_heads, length - chunk
+        accumulate = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in >= float32
+        queries = _as_rows(query * scale, kv_heads)
+        rows = (batch, kv_heads, groups * chunk, 1)
+        output = query.new_zeros(*rows[:3], value.shape[-1], dtype=accumulate)
+        row_max = query.new_full(rows, float("-inf"), dtype=accumulate)
+        row_sum = query.new_zeros(rows, dtype=accumulate)
+        for start in range(0, length, block):
+            # Key 0 is in the first block and visible to every query, so row_max is finite from then on.
+            probs = _block_scores(queries, key[:, :, start : start + block], start, past, groups, accumulate)
+            new_max = torch.maximum(row_max, probs.amax(-1, keepdim=True))
+            probs.sub_(new_max).exp_()
+            rescale = torch.exp(row_max - new_max)
+            row_sum = row_sum * rescale + probs.sum(-1, keepdim=True)
+            output = output * rescale + (probs.to(value.dtype) @ value[:, :, start : start + block]).to(accumulate)
+            row_max = new_max
+        output = output / row_sum
+        log_sum_exp = row_max + torch.log(row_sum)
+        ctx.save_for_backward(queries, key, value, output, log_sum_exp)
+        ctx.scale, ctx.block, ctx.groups = scale, block, groups
+        return output.to(query.dtype).view(batch, heads, chunk, value.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with torch.autocast(grad_output.device.type, enabled=False):  # the caller's autocast is active here
+            return _BlockedAttention._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
+        queries, key, value, output, log_sum_exp = ctx.saved_tensors
+        need_query, need_key, need_value = ctx.needs_input_grad[:3]
+        past = key.shape[2] - queries.shape[2] // ctx.groups
+        accumulate = output.dtype
+        grad_rows = grad_output.reshape(output.shape).to(queries.dtype)
+        delta = (grad_rows.to(accumulate) * output).sum(-1, keepdim=True)  # rowsum(dO ∘ O), [B, H_kv, G·c, 1]
+        grad_queries = torch.zeros_like(queries, dtype=accumulate) if need_query else None
+        grad_key = torch.empty_like(key) if need_key else None
+        grad_value = torch.empty_like(value) if need_value else None
+        for start in range(0, key.shape[2], ctx.block):
+            end = min(start + ctx.block, key.shape[2])
+            keys, values = key[:, :, start:end], value[:, :, start:end]
+            probs = _block_scores(queries, keys, start, past, ctx.groups, accumulate).sub_(log_sum_exp).exp_()
+            if need_value:  # the G query heads of a group sum into their shared KV head through the row axis
+                grad_value[:, :, start:end] = probs.to(value.dtype).transpose(-1, -2) @ grad_rows
+            grad_scores = (grad_rows @ values.transpose(-1, -2)).to(accumulate).sub_(delta).mul_(probs).to(queries.dtype)
+            if need_query:
+                grad_queries += (grad_scores @ keys).to(accumulate)
+            if need_key:
+                grad_key[:, :, start:end] = grad_scores.transpose(-1, -2) @ queries
+        grad_query = None
+        if need_query:
+            batch, kv_heads, rows, dim = queries.shape
+            grad_query = (grad_queries * ctx.scale).to(queries.dtype).view(batch, kv_heads * ctx.groups, rows // ctx.groups, dim)
+        return grad_query, grad_key, grad_value, None, None
+
+
+def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last `c` positions of a sequence over all `S` of its keys.
+
+    Query `t` sits at key position `S - c + t` and sees keys `0 .. S - c + t`.
+
+    Args:
+        query: `[B, H, c, D]`.
+        key: `[B, H_kv, S, D]` with `H` a multiple of `H_kv` (grouped-query attention) and `S >= c`.
+        value: `[B, H_kv, S, Dv]`.
+        scale: multiplies q·kᵀ (usually `D ** -0.5`).
+    Returns:
+        `[B, H, c, Dv]`.
+    """
+    if query.device.type == "cpu" and _cpu_flash is not None and _cpu_flash_backward is not None:
+        return _SplitAttention.apply(query, key, value, scale)
+    return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
+
+
+# ----- the transformers attention function --------------------------------------------------------------
+
+# Options that change what attention computes. A sliding window is not among them: the mask check
+# below sees it (a window shorter than the keys makes the mask non-causal, and SDPA ignores the option).
+_SEMANTIC_OPTIONS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+class _MaskVerdicts:
+    """Remembers whether the last mask seen is plain causal; transformers passes one mask to every layer."""
+
+    def __init__(self):
+        self._mask = lambda: None
+        self._version = -1
+        self._plain = False
+
+    def is_plain_causal(self, mask: torch.Tensor, chunk: int) -> bool:
+        if self._mask() is mask and mask._version == self._version:
+            return self._plain
+        self._mask, self._version = weakref.ref(mask), mask._version
+        self._plain = _is_plain_causal(mask, chunk)
+        return self._plain
+
+
+def _is_plain_causal(mask: torch.Tensor, chunk: int) -> bool:
+    """True if the boolean `[B, 1, c, S]` mask lets query t see exactly keys `0 .. S - c + t`."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != chunk:
+        return False
+    past = mask.shape[3] - chunk
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=mask.device).tril()
+    return bool(mask[..., :past].all()) and bool((mask[..., past:] == causal).all())
+
+
+_verdicts = _MaskVerdicts()
+
+
+def _takes(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Is this call the case `causal_chunk_attention` computes exactly?"""
+    if dropout or not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        return False
+    if any(kwargs.get(option) is not None for option in _SEMANTIC_OPTIONS):
+        return False
+    chunk, length = query.shape[2], key.shape[2]
+    if query.shape[1] % key.shape[1] or length < chunk or not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        return False
+    if attention_mask is None:  # transformers leaves the mask out only when it is plain causal over equal lengths
+        return chunk == length
+    return isinstance(attention_mask, torch.Tensor) and _verdicts.is_plain_causal(attention_mask, chunk)
+
+
+def chunk_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: `causal_chunk_attention` where it applies, else SDPA.
+
+    Shapes as in transformers: query `[B, H, c, D]`, key/value `[B, H_kv, S, D]`; returns the output
+    as `[B, c, H, D]` and no attention weights.
+    """
+    if not _takes(module, query, key, value, attention_mask, dropout, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # Under autocast, SDPA would cast q/k/v to the low precision: a copy of the whole past per layer. The
+    # kernel instead computes in the widest dtype of its inputs (float32 keys, from RoPE's float32 tables,
+    # stay float32; only the chunk's queries are cast) and turns autocast off inside.
+    dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    with torch.autocast(query.device.type, enabled=False):
+        output = causal_chunk_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, chunk_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # same boolean masks as "sdpa"
+
+
+@contextlib.contextmanager
+def chunk_attention(config, enabled: bool = True):
+    """Within the block, a model whose `config` uses "sdpa" attention uses `chunk_attention_forward`.
+
+    Other attention implementations (eager, flash attention, flex) are left as they are: they either
+    need their own mask format or already avoid the copies this one removes. The setting is restored
+    on exit, also on error.
+    """
+    original = getattr(config, "_attn_implementation", None)
+    if not enabled or original != "sdpa":
+        yield
+        return
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
