@@ -122,6 +122,11 @@ _BLOCK_ELEMENTS = 1 << 25
 _MIN_BLOCK = 128
 
 
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; asynchronous from pinned host memory."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
 def _key_block(query: torch.Tensor) -> int:
     batch, heads, chunk, _ = query.shape
     return max(_MIN_BLOCK, _BLOCK_ELEMENTS // (batch * heads * chunk))
@@ -151,7 +156,11 @@ def _block_scores(queries: torch.Tensor, keys: torch.Tensor, start: int, past: i
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """The same function as `_SplitAttention`, from plain tensor ops: an online softmax over key blocks."""
+    """The same function as `_SplitAttention`, from plain tensor ops: an online softmax over key blocks.
+
+    Keys and values may live on another device than the queries (an offloaded `ChunkCache`): each block
+    is copied to the queries' device when it is used, and its gradient is written back where it lives.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, scale: float, block: int):
@@ -165,14 +174,16 @@ class _BlockedAttention(torch.autograd.Function):
         output = query.new_zeros(*rows[:3], value.shape[-1], dtype=accumulate)
         row_max = query.new_full(rows, float("-inf"), dtype=accumulate)
         row_sum = query.new_zeros(rows, dtype=accumulate)
+        device = query.device
         for start in range(0, length, block):
             # Key 0 is in the first block and visible to every query, so row_max is finite from then on.
-            probs = _block_scores(queries, key[:, :, start : start + block], start, past, groups, accumulate)
+            keys, values = (_on(t[:, :, start : start + block], device) for t in (key, value))
+            probs = _block_scores(queries, keys, start, past, groups, accumulate)
             new_max = torch.maximum(row_max, probs.amax(-1, keepdim=True))
             probs.sub_(new_max).exp_()
             rescale = torch.exp(row_max - new_max)
             row_sum = row_sum * rescale + probs.sum(-1, keepdim=True)
-            output = output * rescale + (probs.to(value.dtype) @ value[:, :, start : start + block]).to(accumulate)
+            output = output * rescale + (probs.to(value.dtype) @ values).to(accumulate)
             row_max = new_max
         output = output / row_sum
         log_sum_exp = row_max + torch.log(row_sum)
@@ -198,7 +209,7 @@ class _BlockedAttention(torch.autograd.Function):
         grad_value = torch.empty_like(value) if need_value else None
         for start in range(0, key.shape[2], ctx.block):
             end = min(start + ctx.block, key.shape[2])
-            keys, values = key[:, :, start:end], value[:, :, start:end]
+            keys, values = _on(key[:, :, start:end], queries.device), _on(value[:, :, start:end], queries.device)
             probs = _block_scores(queries, keys, start, past, ctx.groups, accumulate).sub_(log_sum_exp).exp_()
             if need_value:  # the G query heads of a group sum into their shared KV head through the row axis
                 grad_value[:, :, start:end] = probs.to(value.dtype).transpose(-1, -2) @ grad_rows
@@ -227,7 +238,8 @@ def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     Returns:
         `[B, H, c, Dv]`.
     """
-    if query.device.type == "cpu" and _cpu_flash is not None and _cpu_flash_backward is not None:
+    on_cpu = query.device.type == "cpu" and key.device.type == "cpu"
+    if on_cpu and _cpu_flash is not None and _cpu_flash_backward is not None:
         return _SplitAttention.apply(query, key, value, scale)
     return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
 
@@ -288,6 +300,8 @@ def chunk_attention_forward(module, query, key, value, attention_mask, dropout=0
     as `[B, c, H, D]` and no attention weights.
     """
     if not _takes(module, query, key, value, attention_mask, dropout, kwargs):
+        # An offloaded past is moved to the device whole for SDPA (exact, but no memory saved on this layer).
+        key, value = key.to(query.device), value.to(query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     # Under autocast, SDPA would cast q/k/v to the low precision: a copy of the whole past per layer. The

@@ -165,6 +165,7 @@ class BenchCase:
         threads: CPU threads for torch (None: torch's default, one per core).
         seed: seeds the weights, the tokens and SpaCO's sampler.
         attention: the engines' `attention` option (seco, spaco): "chunkwise" or "model".
+        offload_kv: the engines' `offload_kv` option (seco, spaco).
     """
 
     method: str
@@ -182,6 +183,7 @@ class BenchCase:
     threads: int | None = None
     seed: int = 0
     attention: str = "chunkwise"
+    offload_kv: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -390,11 +392,11 @@ def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor
 
         return backprop_step
     if case.method == "seco":
-        engine = SeCO(model, chunk_size=case.chunk_size, attention=case.attention)
+        engine = SeCO(model, chunk_size=case.chunk_size, attention=case.attention, offload_kv=case.offload_kv)
     else:
         engine = SpaCO(
             model, chunk_size=case.chunk_size, budget=case.budget, sampling="uniform", seed=case.seed,
-            full_loss=case.method == "spaco", attention=case.attention,
+            full_loss=case.method == "spaco", attention=case.attention, offload_kv=case.offload_kv,
         )
 
     def chunkwise_step(input_ids):
@@ -551,6 +553,7 @@ class BenchSettings:
         timeout_s: give up on a case after this many seconds (None: wait).
         seed: seeds weights, tokens and sampling.
         attention: the engines' `attention` option (seco, spaco): "chunkwise" or "model".
+        offload_kv: the engines' `offload_kv` option (seco, spaco).
     """
 
     model: str = DEFAULT_MODEL
@@ -571,6 +574,7 @@ class BenchSettings:
     timeout_s: float | None = None
     seed: int = 0
     attention: str = "chunkwise"
+    offload_kv: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -793,7 +797,7 @@ def markdown_table(report: BenchReport) -> str:
         f"Model `{s.model}` ({info.get('parameters', 0) / 1e6:.1f}M parameters, "
         f"{info.get('trainable_parameters', 0) / 1e6:.1f}M trainable), {s.dtype} on {report.machine['device_name']}; "
         f"batch {s.batch_size}, chunk size {s.chunk_size}, SpaCO budget {s.budget} (uniform), "
-        f"{s.attention} attention in the engines; "
+        f"{s.attention} attention in the engines{', KV offloaded to the host' if s.offload_kv else ''}; "
         f"median of {s.repeats} step(s) after {s.warmup} warmup step(s).",
         "",
         "| method | length | chunks | step time (s) | time × full | peak memory (MiB) | memory × full |",

@@ -22,6 +22,12 @@ The cache has two modes, set by `ChunkCache.prepare` before each forward:
 * rebuild (stage 2): the new keys/values stay on the graph (kept in `fresh_kv()` for the relay).
 
 In both modes the forward sees the first `num_past` chunks as its past.
+
+Offload (`offload=True`): the KV buffers and their gradient buffers live in host memory (pinned when
+the model is on a GPU). Attention then gets host views; `chunkwise.attention` streams them to the
+device a key block at a time and sends each block's KV gradient back, so the device holds one chunk's
+activations and one block of keys, whatever the length. The fresh chunk's KV and its relay move
+between host and device once per chunk.
 """
 
 from __future__ import annotations
@@ -43,15 +49,15 @@ class _PastAndChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fresh, buffer, grads, slot, start):
         end = start + fresh.shape[-2]
-        buffer[:, :, start:end] = fresh
-        ctx.grads, ctx.slot, ctx.start = grads, slot, start
+        buffer[:, :, start:end] = fresh  # a device-to-host copy when the buffer is offloaded
+        ctx.grads, ctx.slot, ctx.start, ctx.device = grads, slot, start, fresh.device
         return buffer[:, :, :end]
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.start > 0:
             ctx.grads.accumulate(ctx.slot, grad[:, :, : ctx.start])
-        return grad[:, :, ctx.start :], None, None, None, None
+        return grad[:, :, ctx.start :].to(ctx.device), None, None, None, None
 
 
 class ChunkLayer(CacheLayerMixin):
@@ -63,9 +69,10 @@ class ChunkLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, total_length: int):
+    def __init__(self, total_length: int, offload: bool = False):
         super().__init__()
         self.total_length = total_length
+        self.offload = offload
         self.stored: list[torch.Tensor] = []  # [keys, values], each [B, H_kv, T, D]
         self.gradients: list[torch.Tensor | None] = [None, None]  # allocated when a gradient first arrives
         self.past_length = 0
@@ -74,8 +81,11 @@ class ChunkLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads = key_states.shape[:2]
+        # Pinned host memory makes the per-block host-to-device copies asynchronous.
+        home = {"device": "cpu", "pin_memory": key_states.is_cuda} if self.offload else {"device": key_states.device}
         self.stored = [
-            states.new_empty(batch, heads, self.total_length, states.shape[-1]) for states in (key_states, value_states)
+            torch.empty(batch, heads, self.total_length, states.shape[-1], dtype=states.dtype, **home)
+            for states in (key_states, value_states)
         ]
         self.device = key_states.device
         self.is_initialized = True
@@ -84,7 +94,7 @@ class ChunkLayer(CacheLayerMixin):
         """Add a gradient for the first `gradient.shape[-2]` tokens of keys (slot 0) or values (slot 1)."""
         if self.gradients[slot] is None:
             self.gradients[slot] = torch.zeros_like(self.stored[slot])
-        self.gradients[slot][:, :, : gradient.shape[-2]] += gradient
+        self.gradients[slot][:, :, : gradient.shape[-2]] += gradient.to(self.gradients[slot].device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Take this chunk's keys/values `[B, H_kv, c, D]`; return views of past + new, `[B, H_kv, S_past + c, D]`."""
@@ -120,13 +130,16 @@ class ChunkLayer(CacheLayerMixin):
 class ChunkCache(Cache):
     """KV cache of a chunked sequence of `total_length` tokens, for the engine (see the module docstring).
 
+    With `offload=True` the buffers are kept in host memory (see the module docstring).
+
     Layers are created lazily, one per layer that calls `update`, so the cache needs no knowledge of
     the model's depth.
     """
 
-    def __init__(self, total_length: int):
-        super().__init__(layer_class_to_replicate=partial(ChunkLayer, total_length))
+    def __init__(self, total_length: int, *, offload: bool = False):
+        super().__init__(layer_class_to_replicate=partial(ChunkLayer, total_length, offload))
         self.total_length = total_length
+        self.offload = offload
         self._chunk_lengths: list[int] = []
         self._freed: set[int] = set()
         # (number of past chunks, their total length, record?) for the next forward; see prepare().
@@ -161,7 +174,7 @@ class ChunkCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # Layers are created on first use; a new one follows the mode prepare() set.
         while len(self.layers) <= layer_idx:
-            self.layers.append(ChunkLayer(self.total_length))
+            self.layers.append(ChunkLayer(self.total_length, self.offload))
             self._configure(self.layers[-1])
         return self.layers[layer_idx].update(key_states, value_states)
 

@@ -146,6 +146,7 @@ def bench(
     case_timeout: float | None = None,
     seed: int = 0,
     attention: str = "chunkwise",
+    offload_kv: bool = False,
 ) -> int:
     """Benchmark step time and peak memory per method and length; write bench.md/json/png to `output`.
 
@@ -180,6 +181,7 @@ def bench(
         timeout_s=case_timeout,
         seed=seed,
         attention=attention,
+        offload_kv=offload_kv,
     )
     report = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_outputs(report, Path(output))
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS", help="give up on a case after this long (recorded as timeout)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--attention", choices=["chunkwise", "model"], default="chunkwise", help="seco/spaco attention: chunkwise (default; no repeated KV heads or mask kept for backward) or the model's own")
+    run.add_argument("--offload-kv", action="store_true", help="seco/spaco: KV cache and its gradient in host memory")
 
     fit = commands.add_parser(
         "train",
@@ -319,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--sampling", choices=["uniform", "bernoulli"], help="SpaCO chunk selection (default uniform)")
     fit.add_argument("--max-compensation", type=float, help="SpaCO: cap on the compensation factor (the paper: 2.0)")
     fit.add_argument("--attention", choices=["chunkwise", "model"], help="seco/spaco attention: chunkwise (default; less memory per token with SDPA models) or the model's own")
+    fit.add_argument("--offload-kv", action="store_true", help="seco/spaco: keep the KV cache and its gradient in host memory (device memory stops growing with length)")
     fit.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096; demo 2048)")
     fit.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1; demo 8)")
     fit.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")

@@ -161,6 +161,7 @@ def backward_chunk(
             # under LoRA on q/v only): its relay would reach no parameter, so it is left out.
             if grad is not None and fresh.requires_grad:
                 outputs.append(fresh)
+                grad = grad.to(fresh.device)  # the relay sits in host memory when the cache is offloaded
                 seeds.append(grad if factor == 1.0 else grad * factor)
         if outputs:
             torch.autograd.backward(outputs, seeds)
@@ -186,15 +187,27 @@ class SeCO:
             the step, which keeps neither repeated KV heads nor a mask for backward (less memory per
             token, see docs/benchmarks.md); layers it does not cover (padding, sliding windows, ...)
             keep SDPA. "model": always the model's own attention.
+        offload_kv: keep the KV cache and its gradient in host memory; attention streams the past to
+            the device a block at a time, so device memory stops growing with the length (only
+            layers that fall back to SDPA move their whole past). Gradients are the same. Needs
+            attention="chunkwise" and a model loaded with SDPA attention.
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int, attention: str = "chunkwise"):
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int, attention: str = "chunkwise", offload_kv: bool = False):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_CHOICES))}; got {attention!r}")
         self.chunk_size = check_chunk_size(chunk_size)
         self.model = model
         self.attention = attention
+        self.offload_kv = offload_kv
         self.handle = inspect_causal_lm(model)
+        implementation = getattr(self.handle.decoder.config, "_attn_implementation", None)
+        if offload_kv and (attention != "chunkwise" or implementation != "sdpa"):
+            raise ValueError(
+                f"offload_kv=True streams the host-resident past through chunkwise's attention, which needs "
+                f"attention='chunkwise' (got {attention!r}) and a model using SDPA attention (this one uses "
+                f"{implementation!r}; load it with attn_implementation='sdpa')."
+            )
 
     def backward(
         self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None
@@ -255,7 +268,7 @@ class SeCO:
         device = batch.targets.device
 
         devices = _rng_devices(self.handle.lm)
-        cache = ChunkCache(total_length=batch.targets.shape[1])
+        cache = ChunkCache(total_length=batch.targets.shape[1], offload=self.offload_kv)
         selected = set(selection.chunks)
         # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
         # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work.
@@ -311,7 +324,7 @@ class SpaCO(SeCO):
             chunks stage 2 skips to get it. False: those chunks skip the head (a cheaper stage 1) and
             `out.loss` is the compensated loss of the selected chunks — an unbiased estimate of the full
             loss when the factor is not capped. The gradient is the same either way.
-        attention: as for `SeCO`.
+        attention, offload_kv: as for `SeCO`.
     """
 
     def __init__(
@@ -325,9 +338,10 @@ class SpaCO(SeCO):
         seed: int | None = None,
         full_loss: bool = True,
         attention: str = "chunkwise",
+        offload_kv: bool = False,
     ):
         self.sampler = make_sampler(sampling, budget=budget, max_compensation=max_compensation, seed=seed)
-        super().__init__(model, chunk_size=chunk_size, attention=attention)
+        super().__init__(model, chunk_size=chunk_size, attention=attention, offload_kv=offload_kv)
         self.full_loss = full_loss
 
     def backward(

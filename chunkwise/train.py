@@ -48,8 +48,8 @@ METHODS = ("seco", "spaco", "full")
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned.
-# Settings a resumed run may change. `attention` changes float rounding only, not the gradient.
-RESUMABLE_CHANGES = {"attention", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+# Settings a resumed run may change: `attention` changes float rounding only, `offload_kv` nothing at all.
+RESUMABLE_CHANGES = {"attention", "offload_kv", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 
 
 class TrainingError(Exception):
@@ -83,6 +83,8 @@ class TrainConfig:
     attention: str = "chunkwise"
     """seco/spaco: "chunkwise" (the engine's attention for SDPA models: no repeated KV heads or mask kept
     for backward) or "model" (the model's own attention throughout)."""
+    offload_kv: bool = False
+    """seco/spaco: keep the KV cache and its gradient in host memory, streamed to the device block by block."""
     seq_len: int | None = None
     """Tokens per training sequence (default 4096; the demo 2048)."""
     batch_size: int | None = None
@@ -179,6 +181,8 @@ class TrainConfig:
             raise ValueError("--budget and --max-compensation only apply to --method spaco")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        if self.offload_kv and self.method == "full":
+            raise ValueError("--offload-kv applies to --method seco or spaco (full backprop keeps no KV cache)")
         if self.sampling not in SAMPLERS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLERS)}, got {self.sampling!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -588,9 +592,10 @@ def _make_engine(config: TrainConfig, model: torch.nn.Module):
     if config.method == "full":
         return None
     if config.method == "seco":
-        return SeCO(model, chunk_size=config.chunk_size, attention=config.attention)
+        return SeCO(model, chunk_size=config.chunk_size, attention=config.attention, offload_kv=config.offload_kv)
     return SpaCO(model, chunk_size=config.chunk_size, budget=config.budget, sampling=config.sampling,
-                 max_compensation=config.max_compensation, seed=config.seed, attention=config.attention)
+                 max_compensation=config.max_compensation, seed=config.seed, attention=config.attention,
+                 offload_kv=config.offload_kv)
 
 
 def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:

@@ -2,16 +2,20 @@
 
 What this file proves:
 
-* The kernel equals SDPA over repeated KV heads with the lower-right causal mask — output and the
-  gradients of query, key and value — in float64 to rounding, for grouped and plain heads, a chunk
-  with and without a past, batches, and key blocks that split the past and the chunk anywhere.
-  `torch.autograd.gradcheck` agrees; gradients not asked for are not computed.
+* Both implementations (the CPU split kernel and the blocked one other devices use) equal SDPA over
+  repeated KV heads with the lower-right causal mask — output and the gradients of query, key and
+  value — in float64 to rounding, for grouped and plain heads, a chunk with and without a past,
+  batches, and key blocks that split the past and the chunk anywhere. `gradcheck` agrees; inputs
+  without grad are handled; in bfloat16 they are as accurate as SDPA.
 * It runs where it should and only there: on every layer of an unpadded Llama step, never with
   `attention="model"`, and not on layers whose mask is not plain causal (padding, a sliding window
   shorter than the keys). Either way SeCO's gradient equals full backprop (float64).
 * What it keeps for backward: no KV tensor repeated to the query heads and no float mask, which the
   model's SDPA attention does keep (so the check can fail).
 * The model's attention setting is restored after a step, also when the step raises.
+* `offload_kv=True` gives bit-identical losses and gradients (SeCO and SpaCO), through either kernel;
+  the blocked kernel through the whole engine equals full backprop. (On this CPU-only machine "host"
+  and "device" are the same memory: the device-side saving is for a GPU to measure.)
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from reference import full_backward, max_relative_error, trainable_grads
 from transformers.integrations.sdpa_attention import repeat_kv
 
 import chunkwise.attention as attention
-from chunkwise import SeCO
+from chunkwise import SeCO, SpaCO
 from chunkwise.attention import ATTENTION_NAME, _BlockedAttention, _SplitAttention, causal_chunk_attention
 from chunkwise.models import build_tiny_model
 
@@ -269,3 +273,52 @@ def test_no_repeated_kv_or_mask_is_kept(attention_choice, kept):
     ]
     assert bool(repeated_kv) == kept
     assert bool(float_mask) == kept
+
+
+# ----- the blocked kernel (other devices) and host offload, through the engine -----------------------------
+
+
+@pytest.fixture
+def blocked_kernel(monkeypatch):
+    """Make the engine use `_BlockedAttention` on CPU too, with small blocks, as it does on other devices."""
+    monkeypatch.setattr(attention, "_cpu_flash", None)
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(attention, "_MIN_BLOCK", 3)  # 3-key blocks: cuts through every chunk's past and keys
+
+
+@pytest.mark.parametrize("kernel", ["split", "blocked"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_offload_gives_the_same_gradient(request, kernel, preset):
+    if kernel == "blocked":
+        request.getfixturevalue("blocked_kernel")
+    model = build_tiny_model(preset, dtype=torch.float64)
+    input_ids = make_ids()
+    tol = 1e-5 if preset == "tiny-gemma3" else 1e-10  # Gemma 3's float32 norms, as in test_seco_exactness
+    _, expected = full_backward(model, input_ids)
+    results = []
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = SeCO(model, chunk_size=5, offload_kv=offload).backward(input_ids)
+        results.append((out.loss, trainable_grads(model)))
+    (loss, grads), (offload_loss, offload_grads) = results
+    assert max_relative_error(grads, expected) < tol
+    assert torch.equal(loss, offload_loss)
+    assert all(torch.equal(offload_grads[name], grads[name]) for name in grads)
+
+
+def test_spaco_offload_gives_the_same_gradient():
+    model = build_tiny_model("tiny-qwen3", dtype=torch.float64)
+    results = []
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        SpaCO(model, chunk_size=4, budget=3, seed=1, offload_kv=offload).backward(make_ids())
+        results.append(trainable_grads(model))
+    assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
+
+
+@pytest.mark.parametrize("implementation, choice", [("sdpa", "model"), ("eager", "chunkwise")])
+def test_offload_needs_the_engine_attention(implementation, choice):
+    model = build_tiny_model("tiny-llama")
+    model.set_attn_implementation(implementation)
+    with pytest.raises(ValueError, match="offload_kv=True .* needs attention='chunkwise'"):
+        SeCO(model, chunk_size=4, attention=choice, offload_kv=True)

@@ -156,8 +156,11 @@ def test_gradient_accumulation_equals_the_larger_batch_and_seco_equals_full(tmp_
     big = train(quick(tmp_path / "big", batch_size=4, grad_accum=1, **common))
     accumulated = train(quick(tmp_path / "acc", batch_size=2, grad_accum=2, **common))
     full = train(quick(tmp_path / "full", batch_size=4, grad_accum=1, method="full", **common))
+    # The attention options reach the engine and change nothing but rounding.
+    train(quick(tmp_path / "model-attention", batch_size=4, attention="model", **common))
+    train(quick(tmp_path / "offload", batch_size=4, offload_kv=True, **common))
     reference = weights(tmp_path / "big" / "model")
-    for other in ("acc", "full"):
+    for other in ("acc", "full", "model-attention", "offload"):
         for name, tensor in weights(tmp_path / other / "model").items():
             torch.testing.assert_close(tensor, reference[name], rtol=1e-10, atol=1e-12)
     losses = [[r["loss"] for r in train_records(tmp_path / run)] for run in ("big", "acc", "full")]
@@ -231,6 +234,7 @@ def run_cli(capsys, *arguments) -> tuple[int, str]:
         (["--seq-len", "5000"], "--seq-len 5000 is above the model's position limit max_position_embeddings=4096"),
         (["--method", "spaco"], "--method spaco needs --budget"),
         (["--steps", "0"], "--steps must be a positive integer"),
+        (["--method", "full", "--offload-kv"], "--offload-kv applies to --method seco or spaco"),
     ],
 )
 def test_bad_options_get_one_line(tmp_path, capsys, model_dir, arguments, expected):
