@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
+from .attention import ATTENTION_CHOICES
 from .batch import default_labels
 from .engine import ChunkwiseOutput, SeCO, SpaCO
 from .evaluate import chunked_loss_sum
@@ -58,10 +59,16 @@ class ChunkwiseConfig:
     """SpaCO only: cap on the compensation factor (the paper uses 2.0); None for no cap."""
     seed: int | None = None
     """Seed of SpaCO's chunk sampler; None uses `TrainingArguments.seed`. Every rank uses the same seed."""
+    attention: str = "chunkwise"
+    """"chunkwise" (the engine's attention for SDPA models; less memory per token) or "model" (see `SeCO`)."""
+    offload_kv: bool = False
+    """Keep the KV cache and its gradient in host memory, streamed to the device block by block (see `SeCO`)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ChunkwiseConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"ChunkwiseConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"ChunkwiseConfig.chunk_size must be a positive integer (tokens per chunk), got {self.chunk_size!r}")
         if self.sampling not in SAMPLERS:
@@ -341,10 +348,11 @@ class ChunkwiseTrainerMixin:
     def chunkwise_engine(self, model: torch.nn.Module) -> SeCO:
         """The engine for `model` (as Trainer passes it: maybe DDP- or PEFT-wrapped), built on first use."""
         if self._chunkwise_engine is None or self._chunkwise_engine_model is not model:
+            options = dict(chunk_size=self.chunkwise.chunk_size, attention=self.chunkwise.attention, offload_kv=self.chunkwise.offload_kv)
             if self.chunkwise.method == "seco":
-                engine = SeCO(model, chunk_size=self.chunkwise.chunk_size)
+                engine = SeCO(model, **options)
             else:
-                engine = SpaCO(model, chunk_size=self.chunkwise.chunk_size, sampling=self.chunkwise_sampler)
+                engine = SpaCO(model, sampling=self.chunkwise_sampler, **options)
             self._chunkwise_engine, self._chunkwise_engine_model = engine, model
         return self._chunkwise_engine
 

@@ -121,12 +121,13 @@ def updates(after, before):
     return {name: after[name] - before[name] for name in before}
 
 
-def train_both(tmp_path, model, rows, *, accepts_loss_kwargs=True, **arg_overrides):
+def train_both(tmp_path, model, rows, *, accepts_loss_kwargs=True, chunkwise_options=None, **arg_overrides):
     """One run of the plain reference and one of ChunkwiseTrainer (SeCO) from the same state and data."""
     results = {}
     for name, cls in (("plain", Float64LossTrainer), ("chunkwise", ChunkwiseTrainer)):
         m = copy.deepcopy(model)
-        extra = {"chunkwise": ChunkwiseConfig(chunk_size=CHUNK)} if cls is ChunkwiseTrainer else {}
+        config = ChunkwiseConfig(chunk_size=CHUNK, **(chunkwise_options or {}))
+        extra = {"chunkwise": config} if cls is ChunkwiseTrainer else {}
         trainer = cls(model=m, args=training_args(tmp_path / name, **arg_overrides), train_dataset=ListDataset(rows), **extra)
         trainer.model_accepts_loss_kwargs = accepts_loss_kwargs  # picks Trainer's normalisation path
         output = trainer.train()
@@ -149,10 +150,11 @@ def assert_same_step(results, before, label):
 # ----- (a), (b): one optimizer step equals plain Trainer's ------------------------------------------
 
 
-def test_one_step_matches_plain_trainer(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"attention": "model"}, {"offload_kv": True}], ids=["default", "model-attention", "offload"])
+def test_one_step_matches_plain_trainer(tmp_path, options):
     model = build_tiny_model("tiny-llama", dtype=torch.float64)
     before = params(model)
-    results = train_both(tmp_path, model, make_rows(2))
+    results = train_both(tmp_path, model, make_rows(2), chunkwise_options=options)
     assert results["plain"][2] > 0.5, "the test means to exercise gradient clipping"
     assert_same_step(results, before, "one step")
 
@@ -440,6 +442,7 @@ def test_refused_packed_batch(tmp_path):
         (dict(method="spaco", budget=2, max_compensation=0.5), "max_compensation must be a number >= 1"),
         (dict(budget=2), "only applies to method='spaco'"),
         (dict(sampling="random"), "sampling must be one of"),
+        (dict(attention="flash"), "attention must be one of"),
     ],
 )
 def test_config_checks(fields, message):
