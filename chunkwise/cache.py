@@ -114,8 +114,11 @@ class ChunkLayer(CacheLayerMixin):
         return keys, values
 
     def relay(self, start: int, end: int) -> list[torch.Tensor | None]:
-        """dL/d(keys), dL/d(values) of tokens [start, end) gathered from later chunks (None: none arrived)."""
-        return [None if g is None else g[:, :, start:end] for g in self.gradients]
+        """dL/d(keys), dL/d(values) of tokens [start, end) gathered from later chunks (None: none arrived).
+
+        On the model's device, also when the gradient buffers are offloaded to the host.
+        """
+        return [None if g is None else g[:, :, start:end].to(self.device) for g in self.gradients]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.past_length + query_length, 0

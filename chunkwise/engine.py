@@ -161,7 +161,6 @@ def backward_chunk(
             # under LoRA on q/v only): its relay would reach no parameter, so it is left out.
             if grad is not None and fresh.requires_grad:
                 outputs.append(fresh)
-                grad = grad.to(fresh.device)  # the relay sits in host memory when the cache is offloaded
                 seeds.append(grad if factor == 1.0 else grad * factor)
         if outputs:
             torch.autograd.backward(outputs, seeds)

@@ -47,8 +47,8 @@ METHODS = ("seco", "spaco", "full")
 
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
-# Settings a resumed run may change without changing the trajectory of the steps already planned.
-# Settings a resumed run may change: `attention` changes float rounding only, `offload_kv` nothing at all.
+# Settings a resumed run may change without changing the trajectory of the steps already planned
+# (`attention` changes float rounding only, `offload_kv` nothing at all).
 RESUMABLE_CHANGES = {"attention", "offload_kv", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 
 
