@@ -64,17 +64,35 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, 
     Returns:
         The final folder, `run_dir/checkpoints/step-NNNNNN`.
     """
+    temporary = begin_checkpoint(run_dir, step)
+    if temporary is None:
+        return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
+    write(temporary)
+    return commit_checkpoint(run_dir, step, temporary, keep=keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """An empty temporary folder to write `step`'s checkpoint into (several processes may write into it).
+
+    Returns None when the checkpoint of this step exists already (e.g. interrupted again right after
+    resuming): its content is this state, and it is checked, not rewritten.
+    """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     if final.exists():
-        # Same step saved before (e.g. interrupted again right after resuming): its content is this state.
         verify_checkpoint(final)
-        return final
+        return None
     temporary = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    write(temporary)
+    return temporary
+
+
+def commit_checkpoint(run_dir: Path, step: int, temporary: Path, *, keep: int = 1) -> Path:
+    """Seal a written temporary folder: manifest, fsync, rename into place; then keep the newest `keep`."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
     files = sorted(p for p in temporary.rglob("*") if p.is_file())
     manifest = {
         "step": step,

@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--log-every", type=int, help="print a progress line every N steps when not on a terminal (default 10)")
     fit.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     fit.add_argument("--allow-extrapolation", action="store_true", help="allow --seq-len above the model's position limit")
+    fit.add_argument("--zero", type=int, choices=[1, 2, 3], help="under torchrun: DeepSpeed ZeRO stage instead of DDP (1: optimizer state sharded, 2: gradients too, 3: parameters too; needs pip install 'chunkwise[deepspeed]')")
+    fit.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP")
     fit.add_argument("--dist-timeout", type=float, help="under torchrun: seconds a rank waits for the others before stopping with an error (default 1800)")
     fit.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     fit.add_argument("--overwrite", action="store_true", help="replace the run in --output")

@@ -25,6 +25,7 @@ from .batch import ChunkedBatch, check_chunk_size, chunk_batch
 from .cache import ChunkCache
 from .loss import chunk_loss_sum
 from .models import CausalLMHandle, inspect_causal_lm
+from .parallel import GradientSync, gradient_sync
 from .sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
 
 
@@ -98,13 +99,14 @@ def _chunk_loss(model: torch.nn.Module, batch: ChunkedBatch, chunk: int, inputs:
 
 @torch.no_grad()
 def forward_checkpoints(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list, sync: GradientSync
 ) -> tuple[list, dict[int, torch.Tensor]]:
     """Stage 1: store every chunk's KV checkpoint, keeping no activations.
 
     Args:
         report_only: chunks that stage 2 will not visit but whose loss is reported; they run with the
             LM head (the last chunk too, if it is among them).
+        sync: says which module runs a chunk (see `chunkwise.parallel`).
     Returns:
         The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
         of each chunk in `report_only`.
@@ -118,15 +120,22 @@ def forward_checkpoints(
         cache.prepare(num_past=chunk, record=True)
         inputs = _chunk_inputs(batch, chunk, handle, cache)
         if chunk in report_only:
-            reported[chunk] = _chunk_loss(handle.lm, batch, chunk, inputs)
+            reported[chunk] = _chunk_loss(sync.lm(reduce=False), batch, chunk, inputs)
         else:
-            handle.decoder(**inputs)  # the transformer body only: its KV is all stage 2 needs
+            sync.body(inputs)  # the transformer body only: its KV is all stage 2 needs
         cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
     return rng_states, reported
 
 
 def backward_chunk(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, factor: float, sync: bool = False
+    handle: CausalLMHandle,
+    batch: ChunkedBatch,
+    cache: ChunkCache,
+    chunk: int,
+    *,
+    factor: float,
+    sync: GradientSync,
+    reduce: bool = False,
 ) -> torch.Tensor | None:
     """Stage 2 for one chunk: rebuild its graph on the stored past and backpropagate loss + KV relay.
 
@@ -135,14 +144,14 @@ def backward_chunk(
 
     Args:
         factor: SpaCO compensation applied to the loss and the relay (1 for SeCO).
-        sync: run this chunk through the DDP wrapper, whose backward then all-reduces the gradients
-            accumulated by every chunk of the step. It always backpropagates, LM head included, so
-            every parameter takes part in the all-reduce.
+        sync: says which module runs the chunk and how its backward reduces (see `chunkwise.parallel`).
+        reduce: this is the step's last backward, which reduces the gradients every chunk accumulated
+            across ranks. It always backpropagates, LM head included, so every parameter takes part.
     """
     is_last = chunk == batch.num_chunks - 1
     relay_in = [] if is_last else cache.relay(chunk)
     has_relay = any(g is not None for g in relay_in)
-    if not batch.chunk_has_targets[chunk] and not has_relay and not sync:
+    if not batch.chunk_has_targets[chunk] and not has_relay and not reduce and not sync.lockstep:
         return None  # nothing flows through this chunk: no target, and no later chunk read its KV
 
     cache.prepare(num_past=chunk, record=False)
@@ -150,12 +159,15 @@ def backward_chunk(
     with torch.enable_grad():
         loss = None
         outputs, seeds = [], []
-        if batch.chunk_has_targets[chunk] or sync:
-            loss = _chunk_loss(handle.ddp if sync else handle.lm, batch, chunk, inputs)
+        if batch.chunk_has_targets[chunk] or reduce:
+            loss = _chunk_loss(sync.lm(reduce=reduce), batch, chunk, inputs)
             outputs.append(loss)
             seeds.append(torch.full_like(loss, factor))
-        else:
-            handle.decoder(**inputs)  # no target here: only the KV relay, so skip the LM head
+        else:  # no target here: only the KV relay, so skip the LM head
+            anchor = sync.body(inputs)
+            if anchor is not None:  # see GradientSync.body
+                outputs.append(anchor)
+                seeds.append(torch.zeros_like(anchor))
         for fresh, grad in zip(cache.fresh_kv(), relay_in):
             # A fresh KV without grad_fn has nothing trainable upstream (e.g. k_proj of the first layer
             # under LoRA on q/v only): its relay would reach no parameter, so it is left out.
@@ -163,7 +175,7 @@ def backward_chunk(
                 outputs.append(fresh)
                 seeds.append(grad if factor == 1.0 else grad * factor)
         if outputs:
-            torch.autograd.backward(outputs, seeds)
+            sync.backward(outputs, seeds, reduce=reduce)
     cache.free(chunk)
     return None if loss is None else loss.detach()
 
@@ -190,6 +202,10 @@ class SeCO:
             the device a block at a time, so device memory stops growing with the length (only
             layers that fall back to SDPA move their whole past). Gradients are the same. Needs
             attention="chunkwise" and a model loaded with SDPA attention.
+
+    Several processes: pass the wrapper — `DistributedDataParallel`, a DeepSpeed engine (ZeRO 1/2/3) or a
+    model sharded with FSDP2's `fully_shard` — and gradients are reduced once per optimizer step, whatever
+    the number of chunks (see `chunkwise.parallel` for each wrapper's gradient-accumulation signal).
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int, attention: str = "chunkwise", offload_kv: bool = False):
@@ -200,6 +216,7 @@ class SeCO:
         self.attention = attention
         self.offload_kv = offload_kv
         self.handle = inspect_causal_lm(model)
+        self.sync = gradient_sync(model, self.handle)  # how chunks are called and gradients reduced across ranks
         implementation = getattr(self.handle.decoder.config, "_attn_implementation", None)
         if offload_kv and (attention != "chunkwise" or implementation != "sdpa"):
             raise ValueError(
@@ -255,9 +272,11 @@ class SeCO:
         )
 
     def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
-        if batch.num_targets == 0 and not self._syncs_gradients():
-            # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). Under DDP the
-            # step still runs, adding zero, so that this rank joins the all-reduce.
+        self.sync.check_lockstep(batch.num_chunks)
+        if batch.num_targets == 0 and not self.sync.reduces() and not self.sync.lockstep:
+            # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). When this call ends
+            # a distributed step it still runs, adding zero, so that this rank joins the reduction (and under
+            # ZeRO-3 always: the other ranks' chunks gather parameters with this one).
             zero = torch.zeros((), device=batch.targets.device)
             return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
         with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
@@ -271,21 +290,23 @@ class SeCO:
         selected = set(selection.chunks)
         # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
         # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work.
-        unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]} if full_loss else set()
-        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices)
+        # (Under ZeRO-3 also those without targets: all ranks must run the same chunks.)
+        unselected = {c for c in range(batch.num_chunks) if c not in selected and (batch.chunk_has_targets[c] or self.sync.lockstep)} if full_loss else set()
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices, sync=self.sync)
 
-        # Under DDP the step's last backward goes through the wrapper (one all-reduce per step). If
-        # SpaCO selected nothing, this rank still joins the all-reduce, with a zero-weighted chunk 0.
+        # When this call ends a distributed step, its last backward reduces the gradients across ranks
+        # (once per step). If SpaCO selected nothing, this rank still joins, with a zero-weighted chunk 0.
+        reduces = self.sync.reduces()
         visits = [(chunk, selection.compensation) for chunk in reversed(selection.chunks)]
-        if self._syncs_gradients() and not visits:
+        if reduces and not visits:
             visits = [(0, 0.0)]
         # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
         with torch.random.fork_rng(devices=devices):
             for step, (chunk, factor) in enumerate(visits):
                 if chunk < len(rng_states):
                     _restore_rng(rng_states[chunk], devices)
-                sync = self._syncs_gradients() and step == len(visits) - 1
-                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=sync)
+                reduce = reduces and step == len(visits) - 1
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=self.sync, reduce=reduce)
                 if loss is not None:
                     losses[chunk] = loss
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
@@ -297,11 +318,6 @@ class SeCO:
             picked = [losses[c] for c in selection.chunks if c in losses]
             total = torch.stack(picked).sum() * selection.compensation if picked else torch.zeros((), device=device)
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation)
-
-    def _syncs_gradients(self) -> bool:
-        """True when a DDP wrapper should all-reduce at the end of this step (not inside `no_sync()`)."""
-        ddp = self.handle.ddp
-        return ddp is not None and ddp.require_backward_grad_sync and torch.is_grad_enabled()
 
 
 class SpaCO(SeCO):

@@ -28,8 +28,9 @@ class CausalLMHandle:
             transformers releases, `past_key_values` in older 5.x ones).
         vocab_size: number of rows of the output embedding; token ids must be below it.
         hidden_size: width of the input embeddings; `inputs_embeds` must end in it.
-        ddp: the `DistributedDataParallel` wrapper around the model, if any. Only the last backward of
-            a step runs through it, so gradients are all-reduced once per step, not once per chunk.
+
+    A data-parallel wrapper around the model (DDP, a DeepSpeed engine, FSDP2) is the business of
+    `chunkwise.parallel`, which the engine asks how to call a chunk and when gradients are reduced.
     """
 
     lm: PreTrainedModel
@@ -37,19 +38,25 @@ class CausalLMHandle:
     cache_kwarg: str
     vocab_size: int
     hidden_size: int
-    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+
+
+def _is_deepspeed_engine(model: torch.nn.Module) -> bool:
+    # By class name, so that checking a model never imports deepspeed (slow, and an optional dependency).
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """Return the Hugging Face model inside `model` (DDP and PEFT wrappers are looked through)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """Return the Hugging Face model inside `model` (DDP, DeepSpeed engine and PEFT wrappers are looked through;
+    a model sharded with FSDP2's `fully_shard` is the model itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
         model = model.module
     wrapper = type(model).__name__
-    if wrapper in ("DeepSpeedEngine", "FullyShardedDataParallel") or hasattr(model, "_fsdp_wrapped_module"):
+    if wrapper == "FullyShardedDataParallel" or hasattr(model, "_fsdp_wrapped_module"):
         raise TypeError(
-            f"chunkwise cannot train through a {wrapper}: its engine owns the backward pass and would "
-            "synchronise gradients on every chunk. Use DistributedDataParallel (torchrun / accelerate "
-            "multi-GPU) for now."
+            "chunkwise cannot train through FSDP1's FullyShardedDataParallel wrapper: it hides the model's own "
+            "modules, which chunk-wise training calls chunk by chunk. Shard with FSDP2 instead: "
+            "torch.distributed.fsdp.fully_shard on each decoder layer, then on the model (accelerate: "
+            "fsdp_version: 2)."
         )
     get_base_model = getattr(model, "get_base_model", None)
     if callable(get_base_model) and not isinstance(model, PreTrainedModel):
@@ -99,10 +106,10 @@ def inspect_causal_lm(model: torch.nn.Module) -> CausalLMHandle:
             f"{name} does not accept a transformers Cache in forward(), so its KV cache cannot be carried "
             "between chunks. chunkwise supports models whose forward() takes `cache` (or `past_key_values`)."
         )
-    vocab_size = lm.get_output_embeddings().weight.shape[0]
-    hidden_size = lm.get_input_embeddings().weight.shape[1]
-    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-    return CausalLMHandle(lm, decoder, cache_kwarg, vocab_size, hidden_size, ddp)
+    # ZeRO-3 leaves each rank a flat shard of every weight; `ds_shape` is the weight's own shape.
+    vocab_size = getattr(lm.get_output_embeddings().weight, "ds_shape", lm.get_output_embeddings().weight.shape)[0]
+    hidden_size = getattr(lm.get_input_embeddings().weight, "ds_shape", lm.get_input_embeddings().weight.shape)[1]
+    return CausalLMHandle(lm, decoder, cache_kwarg, vocab_size, hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +32,10 @@ import torch
 
 from . import __version__
 from .attention import ATTENTION_CHOICES
-from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
+from . import data_parallel
+from .checkpoint import (CHECKPOINTS, CheckpointError, begin_checkpoint, capture_rng_state, checkpoint_name, commit_checkpoint,
+                         latest_checkpoint, restore_rng_state, verify_checkpoint)
+from .data_parallel import DataParallel
 from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
 from .engine import SeCO, SpaCO
 from .loss import chunk_loss_sum, count_targets, shift_labels
@@ -132,6 +134,11 @@ class TrainConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     allow_extrapolation: bool = False
     """Train on sequences longer than the model's position limit (warn instead of refusing)."""
+    zero: int | None = None
+    """Under torchrun: DeepSpeed ZeRO stage (1: optimizer state sharded across ranks, 2: gradients too, 3:
+    parameters too) instead of DDP; None: DDP."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP."""
     dist_timeout: float = 1800.0
     """Under torchrun: seconds a rank waits in a collective for the others (a crashed, killed or stuck
     rank) before it stops with an error. It must exceed the longest gap between collectives: one
@@ -165,6 +172,21 @@ class TrainConfig:
         config.check()
         return config
 
+    def _check_sharding(self) -> None:
+        if self.zero is None and not self.fsdp:
+            return
+        option = "--fsdp" if self.fsdp else f"--zero {self.zero}"
+        if self.zero is not None and self.fsdp:
+            raise ValueError("--zero (DeepSpeed) and --fsdp (FSDP2) are two ways to shard the training state: give one")
+        if self.zero is not None and self.zero not in (1, 2, 3):
+            raise ValueError(f"--zero must be 1 (optimizer state sharded), 2 (and gradients) or 3 (and parameters), got {self.zero}")
+        if self.method == "full":
+            raise ValueError(f"{option} trains chunk-wise: use --method seco or spaco (full backprop runs through DDP)")
+        if self.dtype == "float16":
+            raise ValueError(f"{option} does not run with float16's loss scaler: use --dtype bfloat16 (or float32)")
+        if self.zero is not None and self.dtype == "float64":
+            raise ValueError("--zero: DeepSpeed trains in float32 or bfloat16 (its optimizers keep float32 gradients); use --dtype float32")
+
     def check(self) -> None:
         """Raise ValueError naming the setting for anything out of range (call on a resolved config)."""
         positive = ("chunk_size", "seq_len", "batch_size", "grad_accum", "steps", "keep_checkpoints", "log_every", "max_bad_steps")
@@ -190,6 +212,7 @@ class TrainConfig:
             raise ValueError("--offload-kv applies to --method seco or spaco (full backprop keeps no KV cache)")
         if self.sampling not in SAMPLERS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLERS)}, got {self.sampling!r}")
+        self._check_sharding()
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
             raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -404,15 +427,14 @@ def full_backward(model: torch.nn.Module, batch: dict, num_items: float) -> torc
     return loss.detach()
 
 
-def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp) -> float:
+def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, backend: DataParallel) -> float:
     """Fill `.grad` with the gradient of (sum of the step's token losses) / num_items; return that loss."""
     total = 0.0
     for number, batch in enumerate(batches):
         batch = {key: value.to(device) for key, value in batch.items()}
-        last = number == len(batches) - 1
-        # Under DDP only the step's last micro-batch all-reduces; the engine reads no_sync from the wrapper.
-        sync_context = ddp.no_sync() if ddp is not None and not last else nullcontext()
-        with sync_context, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        # Across ranks only the step's last micro-batch reduces the gradients; the engine reads it from the wrapper.
+        with backend.micro_batch(last=number == len(batches) - 1), \
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if engine is None:
                 loss = full_backward(model, batch, num_items)
             else:
@@ -429,10 +451,8 @@ class _Trainer:
     dist: Distributed
     device: torch.device
     model: torch.nn.Module
-    ddp: torch.nn.parallel.DistributedDataParallel | None
+    backend: DataParallel
     engine: SeCO | None
-    parameters: list
-    optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
     data: BatchStream
@@ -454,19 +474,18 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     loss_scale = float(scaler.scale(torch.ones((), device=trainer.device))) if scaler.is_enabled() else 1.0
     num_items = global_targets / dist.world_size / loss_scale
     trainer.model.train()
-    loss_sum = step_backward(trainer.ddp or trainer.model, trainer.engine, batches, num_items=num_items,
-                             autocast_dtype=trainer.autocast_dtype, device=trainer.device, ddp=trainer.ddp)
+    loss_sum = step_backward(trainer.backend.engine_model, trainer.engine, batches, num_items=num_items,
+                             autocast_dtype=trainer.autocast_dtype, device=trainer.device, backend=trainer.backend)
     (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed token loss, unscaled
     loss = loss_sum / global_targets
 
-    scaler.unscale_(trainer.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.parameters, config.max_grad_norm or float("inf")))
     # Under float16 an infinite gradient is the scaler's business (it skips the update and lowers the scale).
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())
-    if finite:
-        scaler.step(trainer.optimizer)
-    scaler.update()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    # DeepSpeed decides itself: it skips a step whose gradient is not finite.
+    grad_norm, applied = trainer.backend.step(
+        max_grad_norm=config.max_grad_norm, scaler=scaler,
+        finite=lambda norm: math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()),
+    )
+    finite = applied and math.isfinite(loss)
     trainer.scheduler.step()
 
     seconds = time.perf_counter() - started
@@ -537,12 +556,17 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     if dist.world_size > 1:
         torch.distributed.barrier()  # the run directory exists before any rank writes or reads it
 
-    ddp = None
-    if dist.world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    engine = _make_engine(config, ddp or model)  # under DDP the engine runs the step's last backward through it
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay)
+    if (config.zero is not None or config.fsdp) and dist.world_size == 1:
+        raise ValueError(f"{'--fsdp' if config.fsdp else '--zero'} shards the training state across processes: launch "
+                         "with torchrun --nproc_per_node N (N > 1) -m chunkwise.cli train ...")
+    backend = data_parallel.setup(
+        model, lambda parameters: torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay),
+        world_size=dist.world_size, device=device, zero=config.zero, fsdp=config.fsdp,
+        micro_batch_size=config.batch_size, accumulation=config.grad_accum, max_grad_norm=config.max_grad_norm,
+    )
+    # Given the wrapper (DDP, DeepSpeed engine, FSDP2 model), the engine reduces the gradients once per step.
+    engine = _make_engine(config, backend.engine_model)
+    optimizer = backend.optimizer
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
@@ -551,12 +575,12 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     state = {"step": 0, "bad_in_a_row": 0, "skipped": 0}
     metrics = MetricsLog(output / METRICS)
     if config.resume:
-        state = _load_checkpoint(output, model, optimizer, scheduler, scaler, engine, dist, log)
+        state = _load_checkpoint(output, model, backend, scheduler, scaler, engine, dist, log)
         if dist.is_main:
             metrics.truncate_after(state["step"])
 
     def save(step: int) -> Path:
-        return _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scaler, engine, state, config, dist)
+        return _save_checkpoint(output, step, model, tokenizer, backend, scheduler, scaler, engine, state, config, dist)
 
     evaluations = []
 
@@ -570,13 +594,13 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
             metrics.append(record)
             log(f"eval @ step {step}: loss {scores.loss:.4f}, accuracy {scores.accuracy:.1%} (chance {data.task.chance_accuracy:.1%})")
 
-    log(_describe(config, model, device, dist, len(data)))
+    log(_describe(config, model, device, dist, len(data), backend))
     if state["step"] == 0:
         evaluate_now(0)
     first_loss = last_loss = None
     interrupted = None
     started = time.perf_counter()
-    trainer = _Trainer(config, dist, device, model, ddp, engine, parameters, optimizer, scheduler, scaler, data, autocast_dtype)
+    trainer = _Trainer(config, dist, device, model, backend, engine, scheduler, scaler, data, autocast_dtype)
     with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
         while state["step"] < config.steps:
             step = state["step"] + 1
@@ -615,8 +639,9 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
 
     if not interrupted:
         save(state["step"])
+        full_state = backend.model_state()  # gathered from the shards on every rank, kept by rank 0
         if dist.is_main:
-            _save_model(output / FINAL_MODEL, model, tokenizer)
+            _save_model(output / FINAL_MODEL, model, tokenizer, state_dict=full_state)
     _finish_plot(output, metrics, config, dist)
     elapsed = time.perf_counter() - started
     if dist.is_main and not interrupted:
@@ -640,15 +665,17 @@ def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:
     return requests > 0
 
 
-def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequences: int) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequences: int, backend: DataParallel) -> str:
+    # Sizes from the model's own shapes: ZeRO-3 leaves each rank a flat shard (`ds_numel` is the whole).
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    trainable = sum(n for n, grad in sizes if grad)
+    total = sum(n for n, _ in sizes)
     what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} sequences)"
     method = config.method + (f" (budget {config.budget}, {config.sampling})" if config.method == "spaco" else "")
     return (
         f"chunkwise train: {config.model} ({trainable:,} of {total:,} parameters trained"
         f"{', LoRA r=' + str(config.lora_r) if config.lora_r else ''}) on {device}"
-        f"{f' x {dist.world_size} ranks' if dist.world_size > 1 else ''}\n"
+        f"{f' x {dist.world_size} ranks ({backend.name})' if dist.world_size > 1 else ''}\n"
         f"  data {what}; {config.batch_size} x {config.seq_len} tokens per micro-batch, {config.grad_accum} per step; "
         f"{method}, chunks of {config.chunk_size}; {config.steps} steps, lr {config.lr:g}; run directory {config.output}"
     )
@@ -669,29 +696,30 @@ def _evaluate_task(handle, task: RecallTask, config: TrainConfig, device, autoca
 # ----- saving and loading -----------------------------------------------------------------------------
 
 
-def _save_model(folder: Path, model, tokenizer) -> None:
-    """`save_pretrained` (the adapter alone for a PEFT model) and the tokenizer: loadable without chunkwise."""
+def _save_model(folder: Path, model, tokenizer, *, state_dict: dict | None = None) -> None:
+    """`save_pretrained` (the adapter alone for a PEFT model) and the tokenizer: loadable without chunkwise.
+
+    `state_dict`: the full weights when the model itself holds only this rank's shards (ZeRO-3, FSDP2).
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of training output
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 
 
-def _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scaler, engine, state, config, dist) -> Path | None:
+def _save_checkpoint(output, step, model, tokenizer, backend: DataParallel, scheduler, scaler, engine, state, config, dist) -> Path | None:
+    """Every rank takes part (sharded state, RNG states); rank 0 writes the rest and seals the folder."""
     rng = capture_rng_state()
     ranks_rng = [rng]
     if dist.world_size > 1:
         ranks_rng = [None] * dist.world_size
         torch.distributed.all_gather_object(ranks_rng, rng)
-    if not dist.is_main:
-        torch.distributed.barrier()
-        return None
+    model_state = backend.model_state()  # a collective when the parameters are sharded
 
     def write(folder: Path) -> None:
-        _save_model(folder / MODEL_SUBDIR, model, tokenizer)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        _save_model(folder / MODEL_SUBDIR, model, tokenizer, state_dict=model_state)
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(scaler.state_dict(), folder / "scaler.pt")
         torch.save(ranks_rng, folder / "rng.pt")
@@ -699,13 +727,29 @@ def _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scale
             torch.save(engine.state_dict(), folder / "sampler.pt")
         (folder / "state.json").write_text(json.dumps({**state, "world_size": dist.world_size, "config": dataclasses.asdict(config)}, indent=1))
 
-    path = save_checkpoint(output, step, write, keep=config.keep_checkpoints)
+    # Rank 0 opens the temporary folder; every rank writes its part (the optimizer state, or its shards);
+    # rank 0 adds the rest and renames the folder into place.
+    temporary = begin_checkpoint(output, step) if dist.is_main else None
+    if dist.world_size > 1:
+        shared = [temporary]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        (temporary,) = shared
+    final = None
+    if temporary is not None:
+        backend.save_state(temporary, is_main=dist.is_main)
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # every shard is written
+        if dist.is_main:
+            write(temporary)
+            final = commit_checkpoint(output, step, temporary, keep=config.keep_checkpoints)
+    elif dist.is_main:
+        final = output / CHECKPOINTS / checkpoint_name(step)  # this step's checkpoint exists (checked)
     if dist.world_size > 1:
         torch.distributed.barrier()
-    return path
+    return final
 
 
-def _load_checkpoint(output, model, optimizer, scheduler, scaler, engine, dist, log) -> dict:
+def _load_checkpoint(output, model, backend: DataParallel, scheduler, scaler, engine, dist, log) -> dict:
     """Restore everything a checkpoint holds; errors name the checkpoint and the file, and delete nothing."""
     folder = latest_checkpoint(output)
     if folder is None:
@@ -715,8 +759,9 @@ def _load_checkpoint(output, model, optimizer, scheduler, scaler, engine, dist, 
     if state.pop("world_size") != dist.world_size:
         raise CheckpointError(f"{folder} was written by a run with a different number of processes; resume with the same number")
     state.pop("config", None)
-    _load_weights(model, folder / MODEL_SUBDIR)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if not backend.sharded:
+        _load_weights(model, folder / MODEL_SUBDIR)
+    backend.load_state(folder)  # the optimizer state; sharded set-ups restore the model's shards too
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
     if isinstance(engine, SpaCO):

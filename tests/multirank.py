@@ -238,3 +238,56 @@ def run_launcher(command: list[str], folder: Path, *, timeout: float = RUN_TIMEO
 def torchrun(*arguments: str) -> list[str]:
     """A torchrun command line that picks its own free port (`--standalone`): no port race."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", *arguments]
+
+
+# ----- counting collectives inside a rank -----------------------------------------------------------------
+
+# Every torch.distributed collective a data-parallel engine may issue; the reductions are what carry gradients.
+COLLECTIVES = (
+    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+    "_reduce_scatter_base", "all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
+    "broadcast", "all_to_all", "all_to_all_single", "gather", "scatter",
+)
+REDUCTIONS = {"all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base"}
+
+
+class CollectiveLog:
+    """Records the name of every `torch.distributed` collective called while `recording()` is active.
+
+    Install it before the engine under test is set up: DeepSpeed keeps references to some torch.distributed
+    functions when it initialises, which a later patch would not reach.
+    """
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self._active = False
+        for name in COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is not None:
+                setattr(dist, name, self._wrap(name, original))
+
+    def _wrap(self, name: str, original: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            if self._active:
+                self.calls.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def recording(self):
+        """Context manager: clear the log and record the collectives called inside."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self.calls.clear()
+            self._active = True
+            try:
+                yield self
+            finally:
+                self._active = False
+
+        return scope()
+
+    def reductions(self) -> list[str]:
+        return [name for name in self.calls if name in REDUCTIONS]

@@ -1,0 +1,286 @@
+"""Sharded data parallelism: DeepSpeed ZeRO-1/2/3 and FSDP2 train chunk-wise with one gradient reduction per step.
+
+Two CPU processes (gloo) run SeCO through each engine on their own sequences, with LoRA and with full
+parameters: a step of 6 chunks, a step of 2 chunks, and a step of two accumulated micro-batches. Each rank
+returns the collectives it called during each step (counted by wrapping `torch.distributed`), the full
+gradients and the parameters after the optimizer step. The test process computes the same steps in one
+process (the mean of the per-rank SeCO gradients, then the same SGD update) and compares.
+
+Precision: FSDP2 trains float64, compared at 1e-10 relative. DeepSpeed trains float32 only (its ZeRO
+optimizers accumulate and reduce gradients in float32 even for a float64 model), compared at 1e-5 relative:
+chunking and the reduction reorder float32 sums (measured differences are below 1e-6 of each tensor's
+largest entry); a wrong normalisation or a lost chunk is off by 1e-1 or more.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from multirank import CollectiveLog, run_ranks
+
+from chunkwise import SeCO
+from chunkwise.models import build_tiny_model
+from chunkwise.parallel import shard_fsdp2
+
+WORLD, SEQ = 2, 24
+LR = 0.1
+MODES = ("lora", "full")
+DS_STAGES = (1, 2, 3)
+
+
+def rank_batch(rank: int, step: int, labels: str = "all") -> dict:
+    """Rank `rank`'s micro-batch number `step`: `input_ids` `[1, SEQ]` and `labels`.
+
+    labels: "all" (every next token is a target); "middle" (tokens 5..12 are not: with 4-token chunks,
+    chunks 1 and 2 have no target and only relay their KV gradient, through the transformer body alone);
+    "none on rank 1" (rank 1 has no target at all, yet must join the step's reduction).
+    """
+    ids = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 * step + rank))
+    targets = ids.clone()
+    if labels == "middle":
+        targets[:, 5:13] = -100
+    elif labels == "none on rank 1" and rank == 1:
+        targets[:] = -100
+    return {"input_ids": ids, "labels": targets}
+
+
+# What each step does on rank r: (name, chunk size, [(micro-batch, labels, num_items)]). num_items is the
+# step's targets per rank, as `chunkwise train` and Trainer pass it, so the reduced mean is the whole batch's.
+STEPS = [
+    ("6 chunks", 4, [(0, "middle", None)]),
+    ("2 chunks", 12, [(1, "all", None)]),
+    ("accumulation", 4, [(2, "middle", 2 * (SEQ - 1)), (3, "all", 2 * (SEQ - 1))]),
+    ("rank without targets", 4, [(4, "none on rank 1", SEQ - 1)]),
+]
+
+
+def build_model(mode: str, dtype: torch.dtype) -> torch.nn.Module:
+    """tiny-llama, full or with LoRA on q/v (B perturbed from zero so that A's gradient is not zero)."""
+    model = build_tiny_model("tiny-llama", dtype=dtype, seed=0)
+    if mode == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # LoRA's A is drawn from the global generator
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator, dtype=torch.float32))
+    return model
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def run_steps(rank: int, engines: dict, log: CollectiveLog, *, before_micro_batch, full_grad, full_param, step) -> dict:
+    """The STEPS on this rank: collectives, gradients and parameters after each (see the module docstring)."""
+    results = {}
+    for name, chunk_size, micro_batches in STEPS:
+        with log.recording():
+            for number, (index, labels, num_items) in enumerate(micro_batches):
+                before_micro_batch(last=number == len(micro_batches) - 1)
+                engines[chunk_size].backward(**rank_batch(rank, index, labels), num_items=num_items)
+            calls = list(log.calls)
+        grads = full_grad()
+        step()
+        results[name] = {"calls": calls, "grads": grads, "params": full_param()}
+    return results
+
+
+# ----- DeepSpeed -----------------------------------------------------------------------------------------------
+
+
+def deepspeed_worker(rank: int, environment: dict) -> dict:
+    os.environ.update(environment, LOCAL_RANK=str(rank))
+    log = CollectiveLog()  # before DeepSpeed starts: it keeps references to torch.distributed's functions
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the process group the harness set up
+    results = {}
+    for stage in DS_STAGES:
+        for mode in MODES:
+            model = build_model(mode, torch.float32)
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+                "zero_allow_untested_optimizer": True,  # plain SGD, so that an update is the gradient
+                # Partition every ZeRO-3 parameter: tiny ones stay whole on every rank by default.
+                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            }
+            optimizer = torch.optim.SGD([p for _, p in trainable(model)], lr=LR)
+            ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            engines = {size: SeCO(ds, chunk_size=size) for size in (4, 12)}
+            results[stage, mode] = run_steps(
+                rank, engines, log,
+                before_micro_batch=lambda last: ds.set_gradient_accumulation_boundary(last),
+                full_grad=lambda: {n: safe_get_full_grad(p).clone() for n, p in trainable(model)},
+                full_param=lambda: {n: safe_get_full_fp32_param(p).clone() for n, p in trainable(model)},
+                step=ds.step,
+            )
+            if stage == 2 and mode == "full":
+                # The paper's 8-GPU recipe: ZeRO-2 with the KV cache in host memory.
+                offload = SeCO(ds, chunk_size=4, offload_kv=True)
+                with log.recording():
+                    offload.backward(**rank_batch(rank, 5, "middle"))
+                results["offload"] = {"calls": list(log.calls), "grads": {n: safe_get_full_grad(p).clone() for n, p in trainable(model)}}
+                ds.step()
+    return results
+
+
+# ----- FSDP2 ----------------------------------------------------------------------------------------------------
+
+
+def fsdp_worker(rank: int) -> dict:
+    log = CollectiveLog()
+    results = {}
+    for mode in MODES:
+        model = shard_fsdp2(build_model(mode, torch.float64))
+        optimizer = torch.optim.SGD([p for _, p in trainable(model)], lr=LR)
+        engines = {size: SeCO(model, chunk_size=size) for size in (4, 12)}
+        lm = model.get_base_model() if mode == "lora" else model
+
+        def step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        results[mode] = run_steps(
+            rank, engines, log,
+            before_micro_batch=lambda last: lm.set_requires_gradient_sync(last),
+            full_grad=lambda: {n: p.grad.full_tensor().clone() for n, p in trainable(model)},
+            full_param=lambda: {n: p.detach().full_tensor().clone() for n, p in trainable(model)},
+            step=step,
+        )
+    return results
+
+
+# ----- one process doing the same ---------------------------------------------------------------------------------
+
+
+def single_process(mode: str, dtype: torch.dtype, ranks: list[dict]) -> dict:
+    """The STEPS in one process: the mean over ranks of each rank's SeCO gradient, then the same SGD update.
+
+    Each step starts from the parameters rank 0 reached (the previous step is checked on its own): after an
+    update this tiny model's attention gradients move by ~1e-7 for a 1e-16 change of the parameters, which
+    would otherwise hide what the engines do behind float64's last bit.
+    """
+    model = build_model(mode, dtype)
+    results = {}
+    for number, (name, chunk_size, micro_batches) in enumerate(STEPS):
+        if number:
+            with torch.no_grad():
+                for n, p in trainable(model):
+                    p.copy_(ranks[0][STEPS[number - 1][0]]["params"][n])
+        total = {}
+        for rank in range(WORLD):
+            model.zero_grad(set_to_none=True)
+            engine = SeCO(model, chunk_size=chunk_size)
+            for index, labels, num_items in micro_batches:
+                engine.backward(**rank_batch(rank, index, labels), num_items=num_items)
+            for n, p in trainable(model):  # no gradient at all: a rank without targets adds nothing
+                total[n] = total.get(n, 0) + (0 if p.grad is None else p.grad / WORLD)
+        with torch.no_grad():
+            for n, p in trainable(model):
+                p -= LR * total[n]
+        results[name] = {"grads": total, "params": {n: p.detach().clone() for n, p in trainable(model)}}
+        model.zero_grad(set_to_none=True)
+    return results
+
+
+def assert_matches(ranks: list[dict], reference: dict, *, rtol: float, what: str) -> None:
+    for key in ("grads", "params"):
+        for name, expected in reference[key].items():
+            for rank in ranks:
+                scale = expected.abs().max().clamp_min(1e-30)
+                error = float((rank[key][name].to(expected.dtype) - expected).abs().max() / scale)
+                assert error <= rtol, f"{what}: {key} of {name} differ by {error:.2e} of its largest entry"
+
+
+# ----- the tests ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ranks(deepspeed_cpu, tmp_path_factory):
+    return run_ranks(deepspeed_worker, WORLD, tmp_path_factory.mktemp("deepspeed"), args=(deepspeed_cpu,))
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    return run_ranks(fsdp_worker, WORLD, tmp_path_factory.mktemp("fsdp2"))
+
+
+
+
+# The reduction each DeepSpeed stage issues once per step for this model (all its gradients fit one bucket).
+DS_REDUCTION = {1: ["all_reduce"], 2: ["all_reduce"], 3: ["reduce_scatter_tensor"]}
+
+
+@pytest.mark.parametrize("stage", DS_STAGES)
+@pytest.mark.parametrize("mode", MODES)
+def test_deepspeed_zero_equals_one_process(deepspeed_ranks, stage, mode):
+    ranks = [r[stage, mode] for r in deepspeed_ranks]
+    reference = single_process(mode, torch.float32, ranks)
+    for name, _, _ in STEPS:
+        assert_matches([r[name] for r in ranks], reference[name], rtol=1e-5, what=f"ZeRO-{stage} {mode}, {name}")
+
+
+@pytest.mark.parametrize("stage", DS_STAGES)
+@pytest.mark.parametrize("mode", MODES)
+def test_deepspeed_reduces_once_per_step_whatever_the_chunks(deepspeed_ranks, stage, mode):
+    for rank in deepspeed_ranks:
+        for name, _, _ in STEPS:
+            calls = rank[stage, mode][name]["calls"]
+            assert [c for c in calls if c in ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter")] == DS_REDUCTION[stage], (name, calls)
+
+
+def test_kv_offload_with_zero2(deepspeed_ranks):
+    """The paper's recipe, ZeRO-2 with the KV cache in host memory: one process's gradient, one all-reduce."""
+    model = build_model("full", torch.float32)
+    with torch.no_grad():  # the parameters the offload step started from
+        for n, p in trainable(model):
+            p.copy_(deepspeed_ranks[0][2, "full"][STEPS[-1][0]]["params"][n])
+    expected = {}
+    for rank in range(WORLD):
+        model.zero_grad(set_to_none=True)
+        SeCO(model, chunk_size=4).backward(**rank_batch(rank, 5, "middle"))
+        for n, p in trainable(model):
+            expected[n] = expected.get(n, 0) + p.grad / WORLD
+    for rank in deepspeed_ranks:
+        assert rank["offload"]["calls"].count("all_reduce") == 1
+        for n, grad in expected.items():
+            torch.testing.assert_close(rank["offload"]["grads"][n], grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_equals_one_process(fsdp_ranks, mode):
+    ranks = [r[mode] for r in fsdp_ranks]
+    reference = single_process(mode, torch.float64, ranks)
+    for name, _, _ in STEPS:
+        assert_matches([r[name] for r in ranks], reference[name], rtol=1e-10, what=f"FSDP2 {mode}, {name}")
+
+
+def groups_with_gradients(mode: str) -> int:
+    """FSDP2 groups (`shard_fsdp2`: each layer, and the root holding the rest) that own a trainable parameter."""
+    lm = build_model(mode, torch.float32)
+    lm = lm.get_base_model() if mode == "lora" else lm
+    in_layers = {id(p) for layer in lm.model.layers for p in layer.parameters()}
+    layers = sum(any(p.requires_grad for p in layer.parameters()) for layer in lm.model.layers)
+    return layers + any(p.requires_grad for p in lm.parameters() if id(p) not in in_layers)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_reduce_scatters_each_group_once_per_step(fsdp_ranks, mode):
+    groups = groups_with_gradients(mode)
+    for rank in fsdp_ranks:
+        for name, _, _ in STEPS:
+            calls = rank[mode][name]["calls"]
+            # One reduce-scatter per group holding gradients, at the step's last backward; each group's parameters
+            # gathered once, at the step's first forward, and kept for all chunks and micro-batches.
+            assert sorted(calls) == ["all_gather_single"] * 3 + ["reduce_scatter_single"] * groups, (name, calls)
