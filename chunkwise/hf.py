@@ -12,8 +12,11 @@ optimizer and scheduler, logging, checkpoints, DDP through accelerate. Only the 
 and call `accelerator.backward(loss)`; and `prediction_step` computes the eval loss chunk by chunk under
 `torch.no_grad()`, so evaluation sequences as long as the training ones fit too.
 
-Trainer options that cannot work chunk-wise (fp16 with a GradScaler, gradient checkpointing, DeepSpeed,
-FSDP, torch.compile, ...) are refused when the trainer is built, each with the reason and the fix.
+Several processes: DDP (torchrun / `accelerate launch`), DeepSpeed ZeRO-1/2/3 (`TrainingArguments(deepspeed=...)`)
+and FSDP2 (a model sharded at load time, or accelerate's `fsdp_version: 2`) reduce the gradients once per
+optimizer step (see `chunkwise.parallel`). Trainer options that cannot work chunk-wise (fp16 with a
+GradScaler, gradient checkpointing, DeepSpeed without ZeRO, FSDP1, torch.compile, ...) are refused when the
+trainer is built, each with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -129,25 +132,20 @@ def _deepspeed_problem(args) -> str | None:
     if not is_deepspeed_available():
         return (
             "DeepSpeed is configured (TrainingArguments.deepspeed or ACCELERATE_USE_DEEPSPEED) but the `deepspeed` "
-            "package is not installed. Chunk-wise training does not run through DeepSpeed in this version anyway: "
-            "remove the DeepSpeed config and launch with torchrun or `accelerate launch` for DistributedDataParallel."
+            "package is not installed: pip install 'chunkwise[deepspeed]'."
         )
-    if stage == 3:
+    if stage == 0:
         return (
-            "DeepSpeed ZeRO-3 cannot train chunk-wise: it partitions every parameter across ranks and gathers it "
-            "only around one forward/backward through its engine, while chunkwise runs a forward and a backward "
-            "per chunk through the model's own modules (stage 1 calls the decoder body directly). ZeRO-1/2 keep "
-            "whole parameters on every rank and are the DeepSpeed path chunk-wise training can support; this "
-            "version trains through DistributedDataParallel only: drop the DeepSpeed config and launch with "
-            "torchrun or `accelerate launch`."
+            "DeepSpeed without ZeRO (zero_optimization.stage 0) reduces gradients inside its own backward, which "
+            "chunk-wise training replaces with one backward per chunk; set zero_optimization.stage to 1, 2 or 3, or "
+            "drop the DeepSpeed config for DistributedDataParallel."
         )
-    return (
-        f"DeepSpeed (ZeRO-{stage}) is not supported by this version of chunkwise: under Trainer, DeepSpeed takes "
-        "the optimizer step inside accelerator.backward(loss), which chunk-wise training replaces with its own "
-        "per-chunk backward, so no optimizer step would ever be taken (and the engine does not train through a "
-        "DeepSpeedEngine). Drop the DeepSpeed config and launch with torchrun or `accelerate launch` for "
-        "DistributedDataParallel."
-    )
+    return None
+
+
+def _fsdp_version(args) -> int:
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("version", 2))  # transformers' default is FSDP2
 
 
 def _parallelism_problem(config) -> str | None:
@@ -186,11 +184,11 @@ def check_training_arguments(args) -> None:
     deepspeed = _deepspeed_problem(args)
     if deepspeed:
         problems.append(deepspeed)
-    if getattr(args, "fsdp", None):
+    if getattr(args, "fsdp", None) and _fsdp_version(args) < 2:
         problems.append(
-            "fsdp: FSDP shards the parameters and gathers them around each forward/backward of its wrapped units, "
-            "reducing gradients on every backward; chunkwise runs one forward and backward per chunk through the "
-            "model's own modules. Use DistributedDataParallel (torchrun / `accelerate launch`) instead."
+            "fsdp with FSDP1: its FullyShardedDataParallel wrapper hides the model's own modules, which chunk-wise "
+            "training calls chunk by chunk. Use FSDP2: fsdp_config={'version': 2} (or load the model sharded, "
+            "from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)))."
         )
     if getattr(args, "torch_compile", False):
         problems.append(
@@ -324,11 +322,12 @@ class ChunkwiseTrainerMixin:
                 "cross-entropy itself (labels shifted once, normalised over the whole batch). Remove "
                 "compute_loss_func; custom losses are not supported."
             )
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) < 2:
             # Set up by an accelerate config file / environment rather than TrainingArguments.
             raise ValueError(
-                "accelerate is configured for DeepSpeed or FSDP; chunk-wise training supports only "
-                "DistributedDataParallel. Use an accelerate config without DeepSpeed/FSDP."
+                "accelerate is configured for FSDP1, whose FullyShardedDataParallel wrapper hides the model's own "
+                "modules, which chunk-wise training calls chunk by chunk; set fsdp_version: 2 in the accelerate config."
             )
         problem = _parallelism_problem(getattr(self.accelerator, "parallelism_config", None))
         if problem:
@@ -379,8 +378,9 @@ class ChunkwiseTrainerMixin:
         """One micro-batch: SeCO/SpaCO fills `.grad` where Trainer would call `accelerator.backward(loss)`.
 
         Mirrors `Trainer.training_step` around the backward: train mode, `_prepare_inputs`, the
-        gradient-accumulation normalisation, `torch_empty_cache_steps`. Trainer's `no_sync` (DDP) wraps this
-        call; the engine reads it from the DDP wrapper.
+        gradient-accumulation normalisation, `torch_empty_cache_steps`. Trainer's `no_sync` (DDP, FSDP2) wraps
+        this call; the engine reads it from the wrapper. Under DeepSpeed it does what accelerate does around
+        `engine.backward(loss)`: marks the step's last micro-batch, and after it lets DeepSpeed clip and step.
 
         Args:
             model: the model as Trainer passes it (DDP- or PEFT-wrapped, or not); given to the engine as is.
@@ -397,10 +397,15 @@ class ChunkwiseTrainerMixin:
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         num_items = self._chunkwise_normaliser(num_items_in_batch, batch["labels"], steps)
         engine = self.chunkwise_engine(model)
+        deepspeed = model if getattr(self, "is_deepspeed_enabled", False) else None  # Trainer hands the DeepSpeed engine
+        if deepspeed is not None:
+            deepspeed.set_gradient_accumulation_boundary(self.accelerator.sync_gradients)
         # accelerate's mixed-precision patch covers model.forward only; stage 1 calls the decoder body
         # directly. Autocast around the whole call runs both stages at the same precision.
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             out = engine.backward(**batch, num_items=num_items)
+        if deepspeed is not None and self.accelerator.sync_gradients:
+            deepspeed.step()  # clipping, the optimizer step and the scheduler's, as accelerate's wrapper does
         self.chunkwise_output = out
         del inputs, batch
         empty_steps = self.args.torch_empty_cache_steps
@@ -420,7 +425,9 @@ class ChunkwiseTrainerMixin:
         it returns no logits and no labels: when those are asked for (`prediction_loss_only=False`, e.g. with
         `compute_metrics`) or the batch has no labels, it falls back to Trainer's full-sequence forward.
         """
-        if not prediction_loss_only or inputs.get(self.chunkwise_label_name) is None:
+        if not prediction_loss_only or inputs.get(self.chunkwise_label_name) is None or self._zero3():
+            # (ZeRO-3 gathers parameters collectively module by module: ranks whose batches differ in length
+            # would run different numbers of chunks, so evaluation keeps Trainer's one forward per batch.)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         # Trainer counts the eval targets the same way (a collective under DDP: every rank gets here).
@@ -434,6 +441,9 @@ class ChunkwiseTrainerMixin:
         else:
             normaliser = self._chunkwise_normaliser(num_items_in_batch, batch["labels"], 1)
         return (total / normaliser).detach(), None, None
+
+    def _zero3(self) -> bool:
+        return getattr(self, "is_deepspeed_enabled", False) and _deepspeed_zero_stage(self.args) == 3
 
     # ----- checkpoints: SpaCO's sampler state -------------------------------------------------------
 

@@ -197,6 +197,9 @@ class DeepSpeedSync(GradientSync):
             return ("DeepSpeed pipeline parallelism splits the layers across ranks and runs them micro-batch by "
                     "micro-batch itself; chunk-wise training needs every layer on each rank. Use ZeRO (stage 1-3) "
                     "without a PipelineModule.")
+        if not hasattr(engine, "coalesce_grad_reduction"):
+            return ("this DeepSpeed release cannot defer the gradient reduction to the step's last backward "
+                    "(no engine.coalesce_grad_reduction); chunk-wise training needs it: pip install 'deepspeed>=0.19.8'")
         if self.stage not in (1, 2, 3):
             return ("DeepSpeed without ZeRO (zero_optimization.stage 0) reduces gradients inside engine.backward, "
                     "which chunk-wise training replaces; set zero_optimization.stage to 1, 2 or 3, or use "

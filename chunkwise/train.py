@@ -538,6 +538,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
 
 
 def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.device, log: Callable[[str], None]) -> TrainResult:
+    if (config.zero is not None or config.fsdp) and dist.world_size == 1:
+        raise ValueError(f"{'--fsdp' if config.fsdp else '--zero'} shards the training state across processes: launch "
+                         "with torchrun --nproc_per_node N (N > 1) -m chunkwise.cli train ...")
     output = check_output(config)
     if config.resume and dist.is_main:
         check_resume_settings(config, output, log)
@@ -556,9 +559,6 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     if dist.world_size > 1:
         torch.distributed.barrier()  # the run directory exists before any rank writes or reads it
 
-    if (config.zero is not None or config.fsdp) and dist.world_size == 1:
-        raise ValueError(f"{'--fsdp' if config.fsdp else '--zero'} shards the training state across processes: launch "
-                         "with torchrun --nproc_per_node N (N > 1) -m chunkwise.cli train ...")
     backend = data_parallel.setup(
         model, lambda parameters: torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay),
         world_size=dist.world_size, device=device, zero=config.zero, fsdp=config.fsdp,
