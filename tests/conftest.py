@@ -1,34 +1,97 @@
-"""Shared fixtures: DeepSpeed on CPU, its C++ op built once per test session."""
+"""Shared fixtures: DeepSpeed on CPU, its C++ op built once per test session, in the background.
+
+DeepSpeed's CPU accelerator builds a small shared-memory op with g++ the first time it starts (about a
+minute of CPU). The build starts as soon as the session knows that a selected test uses DeepSpeed, in its
+own process: it runs beside the single-process tests that come first, on the core they leave idle, and no
+two ranks ever compile it at once. The `deepspeed_cpu` fixture waits for it.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-# DeepSpeed's CPU accelerator builds a small shared-memory op with g++ the first time it starts. Building it
-# here once, in its own process, keeps that out of every rank's start-up and stops two ranks compiling it at once.
-# Built only where DeepSpeed itself would build it (a compiler is there): otherwise it runs without.
+# Built only where DeepSpeed itself would build it (a compiler is there): otherwise it runs without. A deepspeed
+# that does not import exits with code 3 and the error, and the DeepSpeed tests skip with it.
+_CANNOT_IMPORT = 3
 _BUILD = """
-import deepspeed
+import sys
+try:
+    import deepspeed
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+    sys.exit(3)
 from deepspeed.accelerator import get_accelerator
 builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
 if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
     builder.load()
 """
+_BUILD_TIMEOUT = 900  # seconds; the build takes about a minute of CPU, far longer on a loaded machine
+
+
+class _DeepSpeedBuild:
+    """The background build: its environment (DS_ACCELERATOR, TORCH_EXTENSIONS_DIR) and process."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="chunkwise-torch-extensions-")
+        self.env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": self.folder}
+        self.log = open(os.path.join(self.folder, "build.log"), "w+")
+        self.process = subprocess.Popen([sys.executable, "-c", _BUILD], env={**os.environ, **self.env},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> None:
+        try:
+            code = self.process.wait(_BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = "timeout"
+        self.log.seek(0)
+        output = self.log.read()
+        if code == _CANNOT_IMPORT:
+            pytest.skip(f"deepspeed cannot be imported ({output.strip().splitlines()[-1]}); pip install 'chunkwise[deepspeed]'")
+        if code != 0:
+            pytest.fail(f"building DeepSpeed's CPU communication op failed ({code}):\n{output[-4000:]}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_build: _DeepSpeedBuild | None = None
+
+
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def pytest_collection_finish(session):
+    global _build
+    if _deepspeed_installed() and any("deepspeed_cpu" in getattr(item, "fixturenames", ()) for item in session.items):
+        _build = _DeepSpeedBuild()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _build is not None:
+        _build.close()
 
 
 @pytest.fixture(scope="session")
-def deepspeed_cpu(tmp_path_factory) -> dict:
-    """Environment variables for processes that run DeepSpeed on CPU (its op already built); skips without deepspeed."""
-    try:
-        import deepspeed  # noqa: F401
-    except Exception as error:  # an ImportError, or a broken install raising anything else on import
-        pytest.skip(f"deepspeed cannot be imported ({type(error).__name__}: {error}); install chunkwise[deepspeed]")
-    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
-    built = subprocess.run([sys.executable, "-c", _BUILD], env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-    if built.returncode != 0:
-        pytest.fail(f"building DeepSpeed's CPU communication op failed:\n{built.stdout[-2000:]}\n{built.stderr[-3000:]}")
-    return env
+def deepspeed_cpu() -> dict:
+    """Environment variables for processes that run DeepSpeed on CPU (its op built); skips without deepspeed."""
+    if not _deepspeed_installed():
+        pytest.skip("deepspeed is not installed; pip install 'chunkwise[deepspeed]'")
+    global _build
+    if _build is None:  # e.g. the fixture requested dynamically, after collection
+        _build = _DeepSpeedBuild()
+    _build.wait()
+    return dict(_build.env)

@@ -1,10 +1,15 @@
 """Sharded data parallelism: DeepSpeed ZeRO-1/2/3 and FSDP2 train chunk-wise with one gradient reduction per step.
 
 Two CPU processes (gloo) run SeCO through each engine on their own sequences, with LoRA and with full
-parameters: a step of 6 chunks, a step of 2 chunks, and a step of two accumulated micro-batches. Each rank
+parameters: a step of 6 chunks (two of which have no target and only relay their KV gradient), a step of 2
+chunks, a step of two accumulated micro-batches, and a step where one rank has no target at all. Each rank
 returns the collectives it called during each step (counted by wrapping `torch.distributed`), the full
 gradients and the parameters after the optimizer step. The test process computes the same steps in one
 process (the mean of the per-rank SeCO gradients, then the same SGD update) and compares.
+
+The same two processes then run `ChunkwiseTrainer` and plain `Trainer` (the reference of test_hf_trainer.py)
+under `TrainingArguments(deepspeed=...)` and on a model transformers shards with FSDP2 as it loads it: one
+pair of processes per engine, because starting one (and DeepSpeed in it) costs more than the tests it runs.
 
 Precision: FSDP2 trains float64, compared at 1e-10 relative. DeepSpeed trains float32 only (its ZeRO
 optimizers accumulate and reduce gradients in float32 even for a float64 model), compared at 1e-5 relative:
@@ -14,13 +19,18 @@ largest entry); a wrong normalisation or a lost chunk is off by 1e-1 or more.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from multirank import CollectiveLog, run_ranks
+from reference import max_relative_error
 
 from chunkwise import SeCO
+from chunkwise.hf import ChunkwiseConfig, ChunkwiseTrainer
 from chunkwise.models import build_tiny_model
 from chunkwise.parallel import shard_fsdp2
 
@@ -96,7 +106,7 @@ def run_steps(rank: int, engines: dict, log: CollectiveLog, *, before_micro_batc
 # ----- DeepSpeed -----------------------------------------------------------------------------------------------
 
 
-def deepspeed_worker(rank: int, environment: dict) -> dict:
+def deepspeed_worker(rank: int, environment: dict, out_dir: str) -> dict:
     os.environ.update(environment, LOCAL_RANK=str(rank))
     log = CollectiveLog()  # before DeepSpeed starts: it keeps references to torch.distributed's functions
     import deepspeed
@@ -132,13 +142,37 @@ def deepspeed_worker(rank: int, environment: dict) -> dict:
                     offload.backward(**rank_batch(rank, 5, "middle"))
                 results["offload"] = {"calls": list(log.calls), "grads": {n: safe_get_full_grad(p).clone() for n, p in trainable(model)}}
                 ds.step()
+    results["trainer"] = deepspeed_trainers(rank, out_dir)
+    return results
+
+
+def deepspeed_trainers(rank: int, out_dir: str) -> dict:
+    """Plain Trainer and ChunkwiseTrainer with `TrainingArguments(deepspeed=...)`, ZeRO stages 1-3 (float32)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from test_hf_trainer import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
+
+    # What accelerate reads to see a 2-process run (the harness has joined the process group).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    model = build_tiny_model("tiny-llama", dtype=torch.float32)
+    results = {}
+    for stage in DS_STAGES:
+        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True}
+        for name, cls in (("plain", Float64LossTrainer), ("chunkwise", ChunkwiseTrainer)):
+            m = copy.deepcopy(model)
+            extra = {"chunkwise": ChunkwiseConfig(chunk_size=CHUNK)} if cls is ChunkwiseTrainer else {}
+            args = training_args(Path(out_dir) / f"{name}{stage}", gradient_accumulation_steps=2, max_grad_norm=10.0,
+                                 ddp_backend="gloo", deepspeed=config)
+            output = cls(model=m, args=args, train_dataset=ListDataset(make_rows(8)), **extra).train()
+            weights = {n: safe_get_full_fp32_param(p).clone() for n, p in m.named_parameters() if p.requires_grad}
+            results[stage, name] = (weights, output.training_loss)
     return results
 
 
 # ----- FSDP2 ----------------------------------------------------------------------------------------------------
 
 
-def fsdp_worker(rank: int) -> dict:
+def fsdp_worker(rank: int, out_dir: str, model_dir: str) -> dict:
     log = CollectiveLog()
     results = {}
     for mode in MODES:
@@ -158,6 +192,27 @@ def fsdp_worker(rank: int) -> dict:
             full_param=lambda: {n: p.detach().full_tensor().clone() for n, p in trainable(model)},
             step=step,
         )
+    results["trainer"] = fsdp_trainers(rank, out_dir, model_dir)
+    return results
+
+
+def fsdp_trainers(rank: int, out_dir: str, model_dir: str) -> dict:
+    """Plain Trainer and ChunkwiseTrainer on a model transformers shards with FSDP2 as it loads it (float64)."""
+    from test_hf_trainer import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    results = {}
+    for name, cls in (("plain", Float64LossTrainer), ("chunkwise", ChunkwiseTrainer)):
+        m = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=DistributedConfig(fsdp_size=WORLD), dtype=torch.float64)
+        extra = {"chunkwise": ChunkwiseConfig(chunk_size=CHUNK)} if cls is ChunkwiseTrainer else {}
+        args = training_args(Path(out_dir) / name, gradient_accumulation_steps=2, max_grad_norm=10.0, ddp_backend="gloo")
+        trainer = cls(model=m, args=args, train_dataset=ListDataset(make_rows(8)), **extra)
+        output = trainer.train()
+        assert type(trainer.model_wrapped).__name__.startswith("FSDP")  # transformers' own FSDP2 model, not re-wrapped
+        weights = {n: p.detach().full_tensor().clone() for n, p in m.named_parameters() if p.requires_grad}
+        results[name] = (weights, output.training_loss)
     return results
 
 
@@ -208,12 +263,15 @@ def assert_matches(ranks: list[dict], reference: dict, *, rtol: float, what: str
 
 @pytest.fixture(scope="module")
 def deepspeed_ranks(deepspeed_cpu, tmp_path_factory):
-    return run_ranks(deepspeed_worker, WORLD, tmp_path_factory.mktemp("deepspeed"), args=(deepspeed_cpu,))
+    folder = tmp_path_factory.mktemp("deepspeed")
+    return run_ranks(deepspeed_worker, WORLD, folder / "ranks", args=(deepspeed_cpu, str(folder)))
 
 
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory):
-    return run_ranks(fsdp_worker, WORLD, tmp_path_factory.mktemp("fsdp2"))
+    folder = tmp_path_factory.mktemp("fsdp2")
+    build_tiny_model("tiny-llama", dtype=torch.float32).save_pretrained(folder / "model")
+    return run_ranks(fsdp_worker, WORLD, folder / "ranks", args=(str(folder), str(folder / "model")))
 
 
 
@@ -284,3 +342,34 @@ def test_fsdp2_reduce_scatters_each_group_once_per_step(fsdp_ranks, mode):
             # One reduce-scatter per group holding gradients, at the step's last backward; each group's parameters
             # gathered once, at the step's first forward, and kept for all chunks and micro-batches.
             assert sorted(calls) == ["all_gather_single"] * 3 + ["reduce_scatter_single"] * groups, (name, calls)
+
+
+# ----- ChunkwiseTrainer against plain Trainer ------------------------------------------------------------------------
+
+
+def trainer_updates(ranks: list[dict], dtype: torch.dtype) -> list[tuple[float, float, float]]:
+    """Per rank: (largest relative difference of the parameter updates, chunkwise loss, plain loss)."""
+    from test_hf_trainer import updates
+
+    before = {n: p.detach().clone() for n, p in build_tiny_model("tiny-llama", dtype=dtype).named_parameters()}
+    return [(max_relative_error(updates(r["chunkwise"][0], before), updates(r["plain"][0], before)), r["chunkwise"][1], r["plain"][1])
+            for r in ranks]
+
+
+@pytest.mark.parametrize("stage", DS_STAGES)
+def test_trainer_with_deepspeed_matches_plain_trainer(deepspeed_ranks, stage):
+    """TrainingArguments(deepspeed=...): the same update as plain Trainer under the same DeepSpeed config
+    (gradient accumulation 2, clipping). float32, DeepSpeed's precision: measured 2.6e-5 with ZeRO-2, and 1.4e-5
+    for the same comparison in one process without DeepSpeed (an update is a small difference of float32 weights)."""
+    ranks = [{name: r["trainer"][stage, name] for name in ("plain", "chunkwise")} for r in deepspeed_ranks]
+    for error, chunk_loss, plain_loss in trainer_updates(ranks, torch.float32):
+        assert error < 1e-4, f"ZeRO-{stage}: parameter updates differ by {error:.3g} relative"
+        assert math.isclose(chunk_loss, plain_loss, rel_tol=1e-6), (chunk_loss, plain_loss)
+
+
+def test_trainer_on_transformers_fsdp2_model_matches_plain_trainer(fsdp_ranks):
+    """from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2)) hands Trainer an FSDP2 model, whose
+    gradient accumulation Trainer defers with set_requires_gradient_sync, which the engine follows. float64."""
+    for error, chunk_loss, plain_loss in trainer_updates([r["trainer"] for r in fsdp_ranks], torch.float64):
+        assert error < 1e-10, f"FSDP2: parameter updates differ by {error:.3g} relative"
+        assert math.isclose(chunk_loss, plain_loss, rel_tol=1e-10), (chunk_loss, plain_loss)

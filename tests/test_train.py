@@ -387,12 +387,19 @@ def sharded_command(output: Path, option: list[str], dtype: str, *extra: str) ->
     )
 
 
-@pytest.mark.parametrize("kind", sorted(SHARDED))
-def test_torchrun_sharded_training_checkpoints_resumes_and_equals_one_process(tmp_path, request, kind):
+def test_torchrun_zero2_checkpoints_resumes_and_equals_one_process(tmp_path, deepspeed_cpu):
+    check_sharded_training(tmp_path, "zero2", deepspeed_cpu)
+
+
+def test_torchrun_fsdp_checkpoints_resumes_and_equals_one_process(tmp_path):
+    check_sharded_training(tmp_path, "fsdp", {})
+
+
+def check_sharded_training(tmp_path: Path, kind: str, environment: dict) -> None:
     """`--zero 2` / `--fsdp`: the model of one process with the doubled batch; every rank writes its shards into
     the checkpoint; resuming from step 2 gives the uninterrupted run's losses bit for bit."""
     option, dtype, loss_tol, weight_tol = SHARDED[kind]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(request.getfixturevalue("deepspeed_cpu") if kind == "zero2" else {})}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **environment}
     train(quick(tmp_path / "one", steps=4, dtype=dtype, eval_every=0))
     run = tmp_path / "two"
     code, output = run_launcher(sharded_command(run, option, dtype), tmp_path / "launch", env=environment)
