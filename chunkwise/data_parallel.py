@@ -163,13 +163,17 @@ class DeepSpeedZeRO(DataParallel):
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # joins torchrun's process group
         self.name = f"DeepSpeed ZeRO-{stage}"
+        hidden = unwrap_causal_lm(model).config.hidden_size
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": accumulation,
             "gradient_clipping": max_grad_norm or 0.0,  # DeepSpeed's default would be 1.0
-            "zero_optimization": {"stage": stage},
+            # Buckets sized to the model, as transformers' "auto" does: DeepSpeed's defaults (5e8 elements) would
+            # give ZeRO-3 a 2 GB float32 reduction buffer whatever the model.
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                                  "stage3_param_persistence_threshold": 10 * hidden},
             "steps_per_print": 1 << 30,  # chunkwise logs the steps
         }
         # DeepSpeed wraps this optimizer and shares its parameter groups: a scheduler on it sets the learning rate.

@@ -443,6 +443,15 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
     return total
 
 
+def _pad_to(batch: dict, width: int, pad: int) -> dict:
+    """Right-pad a collated batch (`input_ids`, `attention_mask`, `labels`, each `[B, T]`) to `[B, width]`."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
+    return {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) for key, value in batch.items()}
+
+
 @dataclass
 class _Trainer:
     """What one optimizer step needs, set up once by `train`."""
@@ -466,6 +475,9 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     started = time.perf_counter()
     first_index = (step - 1) * config.grad_accum * dist.world_size
     batches = [trainer.data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
+    if trainer.engine is not None and trainer.engine.sync.lockstep:
+        # ZeRO-3: every rank must run as many chunks as the others (see chunkwise.parallel).
+        batches = [_pad_to(batch, config.seq_len, trainer.data.pad) for batch in batches]
     (global_targets,) = dist.all_sum([float(sum(count_targets(b["labels"]) for b in batches))])
     global_targets = max(global_targets, 1.0)
     # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the gradient

@@ -65,3 +65,13 @@ def test_load_from_local_directory(tmp_path):
 def test_missing_local_directory_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_causal_lm(str(tmp_path / "missing"))
+
+
+def test_fsdp1_wrapper_is_refused_with_the_fix():
+    class FullyShardedDataParallel(torch.nn.Module):  # FSDP1's wrapper, by name (it needs a process group to build)
+        def __init__(self, module):
+            super().__init__()
+            self._fsdp_wrapped_module = module
+
+    with pytest.raises(TypeError, match="FSDP1's FullyShardedDataParallel.*fully_shard"):
+        inspect_causal_lm(FullyShardedDataParallel(build_tiny_model("tiny-llama")))

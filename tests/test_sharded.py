@@ -142,8 +142,25 @@ def deepspeed_worker(rank: int, environment: dict, out_dir: str) -> dict:
                     offload.backward(**rank_batch(rank, 5, "middle"))
                 results["offload"] = {"calls": list(log.calls), "grads": {n: safe_get_full_grad(p).clone() for n, p in trainable(model)}}
                 ds.step()
+            if stage == 3 and mode == "full":
+                # Sequences of different lengths: 6 chunks on rank 0, 7 on rank 1.
+                results["lockstep"] = refusal(lambda: engines[4].backward(torch.randint(0, 128, (1, SEQ + 4 * rank))))
+    # Without ZeRO, DeepSpeed reduces inside its own backward: refused when the engine is built.
+    model = build_model("full", torch.float32)
+    ds, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                  config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+    results["stage 0"] = refusal(lambda: SeCO(ds, chunk_size=4))
     results["trainer"] = deepspeed_trainers(rank, out_dir)
     return results
+
+
+def refusal(action) -> str:
+    """The message of the error `action` raises (or a note that it raised none)."""
+    try:
+        action()
+    except (TypeError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
 
 
 def deepspeed_trainers(rank: int, out_dir: str) -> dict:
@@ -192,6 +209,17 @@ def fsdp_worker(rank: int, out_dir: str, model_dir: str) -> dict:
             full_param=lambda: {n: p.detach().full_tensor().clone() for n, p in trainable(model)},
             step=step,
         )
+    # Shardings that cannot work: layers sharded but not the model (its embeddings and head would never be
+    # reduced), and the root fully_shard on a PEFT wrapper instead of the causal LM inside.
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model("full", torch.float64)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    results["layers only"] = refusal(lambda: SeCO(model, chunk_size=4))
+    model = build_model("lora", torch.float64)
+    fully_shard(model)
+    results["peft root"] = refusal(lambda: SeCO(model, chunk_size=4))
     results["trainer"] = fsdp_trainers(rank, out_dir, model_dir)
     return results
 
@@ -373,3 +401,12 @@ def test_trainer_on_transformers_fsdp2_model_matches_plain_trainer(fsdp_ranks):
     for error, chunk_loss, plain_loss in trainer_updates([r["trainer"] for r in fsdp_ranks], torch.float64):
         assert error < 1e-10, f"FSDP2: parameter updates differ by {error:.3g} relative"
         assert math.isclose(chunk_loss, plain_loss, rel_tol=1e-10), (chunk_loss, plain_loss)
+
+
+def test_refused_set_ups_say_why(deepspeed_ranks, fsdp_ranks):
+    for rank in deepspeed_ranks:
+        assert rank["lockstep"].startswith("ValueError: ZeRO-3 gathers every parameter") and "[6, 7] chunks" in rank["lockstep"]
+        assert rank["stage 0"].startswith("TypeError: DeepSpeed without ZeRO (zero_optimization.stage 0)")
+    for rank in fsdp_ranks:
+        assert rank["layers only"].startswith("TypeError: the model's layers are sharded with fully_shard but the model itself is not")
+        assert rank["peft root"].startswith("TypeError: apply the root fully_shard to the Hugging Face causal LM (LlamaForCausalLM) itself")
