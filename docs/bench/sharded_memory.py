@@ -153,7 +153,7 @@ def main() -> None:
             output = Path(folder) / f"{mode}.json"
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(options.world),
                             __file__, "--model", options.model, "--seq-len", str(options.seq_len), "--chunk-size", str(options.chunk_size),
-                            "--rank-mode", mode, "--rank-output", str(output)], check=True, env=environment)
+                            "--rank-mode", mode, "--rank-output", str(output)], check=True, env=environment, stdout=sys.stderr)
             results.append(json.loads(output.read_text()))
             print(f"{mode}: {results[-1]}", file=sys.stderr, flush=True)
     print(f"{options.model}: {results[0]['parameters']:,} parameters, float32, AdamW, {options.world} ranks; MiB per rank\n")
