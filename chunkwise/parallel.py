@@ -27,7 +27,10 @@ gradient accumulation only the step's last micro-batch reduces; each wrapper's o
 
 Every rank runs the step's last backward (a rank without targets, or whose SpaCO sample is empty, runs a
 zero-weighted chunk), through the LM head, so every trainable parameter has a gradient on every rank and
-the collectives line up.
+the collectives line up. Engines that gather parameters in hooks around each module (ZeRO-3, FSDP2) need
+two more things: a chunk without targets, which only relays its KV gradient, still passes its backward
+through every module's output (`GradientSync.body`); and under ZeRO-3, which gathers parameters each time a
+module runs, every rank runs the same chunks (`lockstep`).
 """
 
 from __future__ import annotations
@@ -309,12 +312,15 @@ class FSDP2Sync(GradientSync):
         return _one_token_logits(self.root, inputs)
 
     def _user_wants_sync(self) -> bool:
-        # FSDP2 has setters only; the flag `set_requires_gradient_sync` sets lives on the root's parameter groups.
-        try:
-            groups = self.root._get_fsdp_state()._fsdp_param_groups
-        except AttributeError:
-            return True
-        return all(group.reduce_grads for group in groups) if groups else True
+        # FSDP2 has setters only; the flag `set_requires_gradient_sync` sets lives on the root's parameter groups
+        # (a list since torch 2.9, one group before). Unreadable, assume it is set: at worst a reduce-scatter per
+        # micro-batch instead of per step, never a wrong gradient.
+        state = self.root._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        return all(getattr(group, "reduce_grads", True) for group in groups)
 
     def reduces(self) -> bool:
         return torch.is_grad_enabled() and self._user_wants_sync()
@@ -336,7 +342,10 @@ def shard_fsdp2(model: torch.nn.Module, *, mesh=None) -> torch.nn.Module:
     Returns:
         `model`, its parameters now DTensor shards (optimizers built afterwards see the shards).
     """
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
 
     from .models import unwrap_causal_lm
 
@@ -345,8 +354,12 @@ def shard_fsdp2(model: torch.nn.Module, *, mesh=None) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(next(lm.parameters()).device.type, (torch.distributed.get_world_size(),))
-    # Gathered from each chunk's forward to its backward (see FSDP2Sync); set again by the engine.
-    for layer in lm.get_decoder().layers:
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(lm).__name__}'s decoder has no `layers` list to shard one by one; apply fully_shard to its "
+                        "decoder layers yourself, then to the model")
+    # Kept gathered from the step's first forward to its last backward (see FSDP2Sync; the engine sets it too).
+    for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
     fully_shard(lm, mesh=mesh, reshard_after_forward=False)
     return model
