@@ -176,7 +176,7 @@ def _stream_past_grads(ctx, past: OffloadedPast, grad_output, query, output, lse
             buffer, grad = host[slot][0], grads[slot]
             if slot in sums:
                 grad = sums[slot].add_(grad)  # the fetched sum of later chunks' gradients, plus this chunk's
-            past.streamer.write_back(grad.to(buffer.dtype), buffer[:, :, start:end])
+            past.streamer.write_back(grad, buffer[:, :, start:end])
     for slot in wanted:
         past.sink.mark_summed(slot, past.length)
 

@@ -294,11 +294,14 @@ def math_attention(query, key, value, scale):
     return scores.softmax(-1) @ value
 
 
-def check_errors(attention: Callable, device: torch.device, dtype: torch.dtype, head_dim: int, *, seed: int = 0) -> float:
+def check_errors(
+    attention: Callable, device: torch.device, dtype: torch.dtype, head_dim: int, *, seed: int = 0, shape: dict | None = None
+) -> float:
     """Largest relative error of `attention(query, key, value, scale)` (output and q/k/v gradients)
-    against float64 math attention on the check problem. Uses its own generator: the global RNG state,
-    which stage 2 replays for dropout, is left alone."""
-    batch, heads, kv_heads, chunk, length = (CHECK_SHAPE[n] for n in ("batch", "heads", "kv_heads", "chunk", "past"))
+    against float64 math attention on the check problem (or `shape`, with the keys of `CHECK_SHAPE`).
+    Uses its own generator: the global RNG state, which stage 2 replays for dropout, is left alone."""
+    shape = shape or CHECK_SHAPE
+    batch, heads, kv_heads, chunk, length = (shape[n] for n in ("batch", "heads", "kv_heads", "chunk", "past"))
     length += chunk
     generator = torch.Generator().manual_seed(seed)
     # Rounded to `dtype` first, so that the reference sees exactly the kernel's inputs; laid out as the

@@ -64,7 +64,7 @@ class BlockStreamer:
 
     # ----- host -> device --------------------------------------------------------------------------------
 
-    def _buffer(self, role: int, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, role: int, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The next device buffer of `role`, viewed like `like` (time-major), once the compute stream is done with it."""
         turn = self._turn.get(role, 0)
         self._turn[role] = 1 - turn
@@ -83,14 +83,12 @@ class BlockStreamer:
 
     def fetch(self, sources: list[torch.Tensor]) -> tuple:
         """Start copying host blocks `sources` (`[B, H, n, D]` time-major views) to the device."""
-        targets, slots = [], []
+        # Buffers are taken (and allocated, on the compute stream) outside the side stream's context.
+        targets, slots = zip(*(self._buffer(role, source) for role, source in enumerate(sources)))
         with torch.cuda.stream(self.side) if self.side is not None else _nothing():
-            for role, source in enumerate(sources):
-                target, slot = self._buffer(role, source)
+            for target, source in zip(targets, sources):
                 target.copy_(source, non_blocking=self.side is not None)
-                targets.append(target)
-                slots.append(slot)
-        return targets, slots, self._record(self.side)
+        return list(targets), list(slots), self._record(self.side)
 
     def ready(self, fetched: tuple) -> list[torch.Tensor]:
         """The fetched device blocks, once their copies are done (the compute stream waits, the host does not)."""
@@ -145,6 +143,10 @@ class BlockStreamer:
 
     def write_back(self, block: torch.Tensor, host: torch.Tensor) -> None:
         """Copy device `block` into the host view `host` after the compute stream's queued work, on the side stream."""
+        if block.stride() != host.stride() or block.dtype != host.dtype:  # one contiguous transfer, not a staged one
+            staged = time_major(*block.shape, dtype=host.dtype, device=block.device)
+            staged.copy_(block)
+            block = staged
         if self.side is None:
             host.copy_(block)
             return
