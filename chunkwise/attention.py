@@ -23,10 +23,14 @@ buffers and chunk-sized tensors.
 
 Two implementations of the same function:
 
-* `_SplitAttention` (CPU): the two parts run on PyTorch's fused CPU flash-attention kernel
-  (`aten._scaled_dot_product_flash_attention_for_cpu`, the one SDPA uses on CPU, with its backward).
-* `_BlockedAttention` (other devices): plain tensor ops, the keys processed in blocks with an online
-  softmax. Correct everywhere; its speed on a GPU is not measured yet (docs/benchmarks.md).
+* `_SplitAttention`: each part is one call of a fused kernel that returns its log-sum-exp
+  (`chunkwise.kernels`: PyTorch's CPU flash kernel; on CUDA its flash, memory-efficient or cuDNN
+  kernel), chosen per device, dtype and head dim, and checked against float64 math attention the first
+  time it is used in the process. The past is cut into `PAST_BLOCK`-key blocks merged one by one. With an
+  offloaded cache, `_OffloadedSplitAttention` runs the same arithmetic on blocks streamed from the host
+  (`chunkwise.offload`).
+* `_BlockedAttention` (the last resort: no kernel passed its check, e.g. float64 on a GPU): plain
+  tensor ops, the keys processed in blocks with an online softmax.
 
 `chunk_attention_forward` is registered with transformers' `AttentionInterface` as "chunkwise_sdpa".
 The engine switches a model whose attention is "sdpa" to it for the duration of a step
