@@ -416,8 +416,15 @@ def _random_tokens(case: BenchCase, vocab_size: int, seq_len: int, device: torch
     return torch.randint(0, vocab_size, (case.batch_size, seq_len), generator=generator).to(device)
 
 
-def measure_case(case: BenchCase) -> CaseResult:
-    """Run one case in this process and measure it. Out of memory, even while loading, is status "oom"."""
+def build_case_model(case: BenchCase, device: torch.device) -> torch.nn.Module:
+    return build_model(case.model, dtype=DTYPES[case.dtype], device=device, lora_r=case.lora_r, seed=case.seed)
+
+
+def measure_case(case: BenchCase, *, build: Callable = build_case_model) -> CaseResult:
+    """Run one case in this process and measure it. Out of memory, even while loading, is status "oom".
+
+    `build(case, device)` gives the model (the GPU suite passes one that reuses the last one built).
+    """
     started = time.perf_counter()
     if case.threads:
         torch.set_num_threads(case.threads)
@@ -425,7 +432,7 @@ def measure_case(case: BenchCase) -> CaseResult:
     meter = CudaMemory(device) if device.type == "cuda" else CpuMemory()
     result = CaseResult(case, "ok", memory_method=meter.method)
     try:
-        model = build_model(case.model, dtype=DTYPES[case.dtype], device=device, lora_r=case.lora_r, seed=case.seed)
+        model = build(case, device)
     except Exception as error:  # MemoryError is an Exception too
         _record_oom(result, error)
     else:

@@ -47,18 +47,15 @@ from pathlib import Path
 import torch
 
 from .bench import (
-    DTYPES,
     MiB,
     RESULT_MARKER,
     BenchCase,
-    CaseResult,
-    CpuMemory,
-    CudaMemory,
+    build_case_model,
     build_model,
     child_environment,
     describe_machine,
     is_out_of_memory,
-    measure_on,
+    measure_case,
 )
 
 SUITE_SECONDS = 480  # the whole run, model building and process starts included
@@ -327,28 +324,20 @@ def _emit(status: str, **fields) -> dict:
 _models: dict = {}  # the speed jobs' model, built once for the jobs that share it
 
 
+def _cached_model(case: BenchCase, device: torch.device) -> torch.nn.Module:
+    """The model of `case`, reused when the previous case had the same (model, dtype, LoRA)."""
+    key = (case.model, case.dtype, case.lora_r, case.seed)
+    if key not in _models:
+        _models.clear()
+        _free(device)
+        _models[key] = build_case_model(case, device)
+    return _models[key]
+
+
 def _speed_job(params: dict) -> dict:
-    """Measure one bench case on a model built once per (model, dtype, LoRA) and process."""
-    case = BenchCase(**params["case"])
-    started = time.perf_counter()
-    if case.threads:
-        torch.set_num_threads(case.threads)
-    device = torch.device(case.device)
-    meter = CudaMemory(device) if device.type == "cuda" else CpuMemory()
-    result = CaseResult(case, "ok", memory_method=meter.method)
-    key = (case.model, case.dtype, case.lora_r)
-    try:
-        if key not in _models:
-            _models.clear()
-            _free(device)
-            _models[key] = build_model(case.model, dtype=DTYPES[case.dtype], device=device, lora_r=case.lora_r)
-        measure_on(_models[key], case, meter, result)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        result.status, result.error = "oom", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-    _free(device)
-    result.wall_s = time.perf_counter() - started
+    """Measure one bench case (see `chunkwise.bench.measure_case`) on a model built once for the cases sharing it."""
+    result = measure_case(BenchCase(**params["case"]), build=_cached_model)
+    _free(torch.device(result.case.device))
     return _emit(result.status, result=result.to_dict(), error=result.error)
 
 
