@@ -93,7 +93,8 @@ def _add_past(output, lse, query, blocks, scale, kernel: PartKernel):
         )
         output, lse = merge_parts(output, lse, block_output.reshape(output.shape), block_lse.reshape(lse.shape))
         states.append(state)
-    return output.to(query.dtype), lse, states
+    # Contiguous, like the gradient backward gets: some kernels want `out` and `grad_out` laid out alike.
+    return output.to(query.dtype).contiguous(), lse, states
 
 
 def _own_grads(grad_output, query, own_key, own_value, output, lse, state, scale, kernel: PartKernel):

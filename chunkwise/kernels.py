@@ -26,8 +26,8 @@ takes it back in that form (`PartKernel.backward`), which puts it back into the 
 +inf: the engine never calls a kernel without keys (chunk 0 has no past part).
 
 A kernel that was never run on this machine must not be trusted blindly: `select_kernel` runs each
-candidate once per (device, dtype, head dim) and process on a small random problem with a past and
-grouped heads (`self_check`), compares output and q/k/v gradients with float64 math attention, and on
+candidate once per (device, dtype, head dim) and process on a small random problem with grouped heads,
+with a past and without (`self_check`), compares output and q/k/v gradients with float64 math attention, and on
 disagreement beyond `CHECK_TOLERANCE` (or an error) warns once, saying which kernel failed and by how
 much, and moves on to the next candidate. When none passes, `select_kernel` returns None and the engine
 uses its plain-ops blocked attention.
@@ -274,10 +274,11 @@ def merge_parts(output, lse, part_output, part_lse):
 # ----- first-use self-check -------------------------------------------------------------------------------
 
 # Largest error (max |x - reference| / max |reference|, over the output and the q/k/v gradients) a kernel
-# may show on the check problem. Measured with cpu-flash (seeds 0-9, head dims 16/64/128): bfloat16
-# <= 7.8e-3, float16 <= 8.9e-4, float32 <= 1.3e-6, float64 <= 3.3e-15. Deliberately broken kernels (LSE in
-# base 2, a wrong scale in backward, K/V gradients swapped, the own part not causal) show >= 0.48. The
-# bounds sit 4-6x above the 16-bit errors; float32's allows a kernel that multiplies in TF32 (~1e-3).
+# may show on the check problem, with and without its past. Measured with cpu-flash (seeds 0-9, head
+# dims 16/64/128): bfloat16 <= 7.8e-3, float16 <= 8.9e-4, float32 <= 1.9e-6, float64 <= 3.3e-15.
+# Deliberately broken kernels (LSE in base 2, a wrong scale in backward, K/V gradients swapped, the own
+# part not causal) show >= 0.48. The bounds sit 4-6x above the 16-bit errors; float32's allows a kernel
+# that multiplies in TF32 (~1e-3).
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3, torch.float64: 1e-10}
 # The check problem: 4 query heads over 2 KV heads, a past of 40 keys before a chunk of 24 (so the
 # efficient kernel's LSE is padded on both parts: 48 and 24 rows).
@@ -344,8 +345,9 @@ SplitAttention = Callable[..., torch.Tensor]
 
 def self_check(kernel: PartKernel, device: torch.device, dtype: torch.dtype, head_dim: int, run: SplitAttention) -> float | str:
     """Run `kernel` through `run` on the check problem: its error, or what it raised."""
-    try:
-        return check_errors(lambda q, k, v, scale: run(q, k, v, scale, kernel), device, dtype, head_dim)
+    attention = lambda q, k, v, scale: run(q, k, v, scale, kernel)  # noqa: E731
+    try:  # with a past (merge, grouped rows) and without (chunk 0: the own part's output as the kernel made it)
+        return max(check_errors(attention, device, dtype, head_dim, shape=shape) for shape in (CHECK_SHAPE, {**CHECK_SHAPE, "past": 0}))
     except Exception as error:  # a kernel that cannot run here is a failed check, not a failed step
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
