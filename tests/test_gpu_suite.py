@@ -58,14 +58,14 @@ class ScriptedChild:
 
     def next_result(self, timeout_s):
         job = self.jobs.pop(0)
-        skipped = gpu_suite._not_run(job, self.failed)
+        skipped = gpu_suite.not_run(job, self.failed)
         if skipped is not None:
             return {"job": True, **skipped}
         status = SCRIPT.get((job["label"], job.get("case", {}).get("seq_len")), "ok")
         if status == "timeout":
             return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
         result = {"job": True, "status": status}
-        gpu_suite._note(job, result, self.failed)
+        gpu_suite.note(job, result, self.failed)
         return result
 
     def kill(self):
