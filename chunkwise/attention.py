@@ -196,7 +196,7 @@ class _OffloadedSplitAttention(torch.autograd.Function):
 
     Inputs are the chunk's own keys/values on the device; the past's blocks stream in from the host,
     and in backward the past's key/value gradients are added to the host gradient buffers block by
-    block (`ChunkLayer.gradient_blocks`) instead of being returned: the device never holds the whole past.
+    block (`ChunkLayer.gradient_buffer`) instead of being returned: the device never holds the whole past.
     Block boundaries and arithmetic are those of `_SplitAttention`, so the results are the same bits.
     """
 
