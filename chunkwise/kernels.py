@@ -346,8 +346,13 @@ SplitAttention = Callable[..., torch.Tensor]
 def self_check(kernel: PartKernel, device: torch.device, dtype: torch.dtype, head_dim: int, run: SplitAttention) -> float | str:
     """Run `kernel` through `run` on the check problem: its error, or what it raised."""
     attention = lambda q, k, v, scale: run(q, k, v, scale, kernel)  # noqa: E731
+    # The check runs inside stage 1 only, so it must not move any random state stage 2 replays for
+    # dropout, even if a kernel draws from the device's generator with dropout 0.
+    devices = [device] if device.type == "cuda" else []
     try:  # with a past (merge, grouped rows) and without (chunk 0: the own part's output as the kernel made it)
-        return max(check_errors(attention, device, dtype, head_dim, shape=shape) for shape in (CHECK_SHAPE, {**CHECK_SHAPE, "past": 0}))
+        with torch.random.fork_rng(devices=devices):
+            shapes = (CHECK_SHAPE, {**CHECK_SHAPE, "past": 0})
+            return max(check_errors(attention, device, dtype, head_dim, shape=shape) for shape in shapes)
     except Exception as error:  # a kernel that cannot run here is a failed check, not a failed step
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 

@@ -47,6 +47,13 @@ def test_the_self_check_picks_a_cuda_kernel(monkeypatch, dtype):
     assert kernel is not None and kernel.device_type == "cuda"
 
 
+def test_the_self_check_leaves_the_cuda_rng_alone(monkeypatch):
+    monkeypatch.setattr(kernels, "_choices", {})
+    state = torch.cuda.get_rng_state(CUDA)
+    kernels.select_kernel(CUDA, torch.bfloat16, 64, run=split_attention)
+    assert torch.equal(torch.cuda.get_rng_state(CUDA), state)  # stage 2 replays it for dropout
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_streamed_offload_changes_no_bit_on_cuda(monkeypatch, dtype):
     monkeypatch.setattr(attention, "PAST_BLOCK", 3)  # every chunk's past cut in blocks: the streams busy
