@@ -147,11 +147,22 @@ def bench(
     seed: int = 0,
     attention: str = "chunkwise",
     offload_kv: bool = False,
+    suite: str | None = None,
+    dry_run: bool = False,
 ) -> int:
     """Benchmark step time and peak memory per method and length; write bench.md/json/png to `output`.
 
+    With `suite="gpu"`: the one-shot GPU suite (`chunkwise.gpu_suite`) instead, writing suite.json and
+    suite.md to `output`; `dry_run` runs it on CPU with a tiny model.
+
     Returns 0 when every case ran or ran out of memory, 1 when a case failed otherwise.
     """
+    if suite is not None:
+        from .gpu_suite import run as run_suite
+
+        return run_suite(output=output, dry_run=dry_run, device=None if device == "auto" else device)
+    if dry_run:
+        raise UsageError("--dry-run goes with --suite gpu")
     from .bench import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
 
     if device == "auto":
@@ -304,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--attention", choices=["chunkwise", "model"], default="chunkwise", help="seco/spaco attention: chunkwise (default; no repeated KV heads or mask kept for backward) or the model's own")
     run.add_argument("--offload-kv", action="store_true", help="seco/spaco: KV cache and its gradient in host memory")
+    run.add_argument("--suite", choices=["gpu"], default=None, help="run the one-shot GPU suite (<= 8 minutes on one GPU; writes suite.json/suite.md to --output) instead of a grid; see docs/benchmarks.md")
+    run.add_argument("--dry-run", action="store_true", help="with --suite gpu: the same cases on CPU with a tiny model, a smoke test")
 
     fit = commands.add_parser(
         "train",

@@ -540,13 +540,19 @@ class StopRequest:
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) training as `config` says; see the module docstring."""
     config = config.resolved()
+    joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist, device = init_distributed(config)
     try:
-        return _train_on_this_rank(config, dist, device, log)
+        result = _train_on_this_rank(config, dist, device, log)
     except (RuntimeError, torch.distributed.DistError) as error:
         if dist.world_size > 1 and is_lost_rank(error):
             raise lost_rank_error(error, dist, config) from error
         raise
+    if dist.world_size > 1 and joined_here:
+        # Leave the group we joined explicitly, every rank done, rather than at interpreter exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.device, log: Callable[[str], None]) -> TrainResult:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from multirank import RUN_TIMEOUT, Launched, RanksFailed, SpawnedRanks, run_ranks, torchrun
+from multirank import RUN_TIMEOUT, Launched, RanksFailed, SpawnedRanks, assert_launch_succeeded, run_ranks, torchrun
 
 from chunkwise import SeCO
 from chunkwise.models import build_tiny_model
@@ -74,6 +74,18 @@ def test_gloo_failures_are_recognised_as_a_lost_rank():
     assert is_lost_rank(closed) and is_lost_rank(silent)
     assert is_lost_rank(torch.distributed.DistBackendError("NCCL watchdog timeout"))
     assert not is_lost_rank(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_launch_check_accepts_only_a_teardown_abort():
+    launcher_trace = "Traceback (most recent call last):\n  ...\nChildFailedError:\n"
+    abort = "step 4: loss 4.8\nterminate called without an active exception\n" + launcher_trace + "  exitcode  : -6 (pid: 7)\n"
+    with pytest.warns(UserWarning, match="accepted a gloo teardown abort"):
+        assert_launch_succeeded(1, abort)
+    assert_launch_succeeded(0, "anything")
+    worker_error = "Traceback (most recent call last):\nValueError: bad\n" + abort
+    for output in (worker_error, launcher_trace + "  exitcode  : 1 (pid: 7)\n"):
+        with pytest.raises(RanksFailed, match="launcher exit code 1"):
+            assert_launch_succeeded(1, output)
 
 
 def test_torchrun_train_stops_with_a_clear_error_when_a_rank_stops_answering(tmp_path):

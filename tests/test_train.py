@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multirank import Launched, run_launcher, torchrun
+from multirank import assert_launch_succeeded, run_launcher, torchrun
 from safetensors.torch import load_file
 
 from chunkwise.checkpoint import latest_checkpoint
@@ -362,7 +362,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         torchrun("--nproc_per_node", "2", "-m", "chunkwise.cli", "train", *common, "--batch-size", "1", "--output", str(tmp_path / "two")),
         tmp_path / "launch", env=environment,
     )
-    assert code == 0, output[-3000:]
+    assert_launch_succeeded(code, output)
     assert "x 2 ranks" in output
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-12)
