@@ -3,7 +3,9 @@
 DeepSpeed's CPU accelerator builds a small shared-memory op with g++ the first time it starts (about a
 minute of CPU). The build starts as soon as the session knows that a selected test uses DeepSpeed, in its
 own process: it runs beside the single-process tests that come first, on the core they leave idle, and no
-two ranks ever compile it at once. The `deepspeed_cpu` fixture waits for it.
+two ranks ever compile it at once. The `deepspeed_cpu` fixture waits for it. It is built in a fresh temporary
+folder, removed after the session, unless TORCH_EXTENSIONS_DIR is set: then there, and kept for the next session
+(e.g. to run the distributed tests in a loop without rebuilding it each time).
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ class _DeepSpeedBuild:
     """The background build: its environment (DS_ACCELERATOR, TORCH_EXTENSIONS_DIR) and process."""
 
     def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="chunkwise-torch-extensions-")
+        self.kept = os.environ.get("TORCH_EXTENSIONS_DIR")
+        self.folder = self.kept or tempfile.mkdtemp(prefix="chunkwise-torch-extensions-")
         self.env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": self.folder}
-        self.log = open(os.path.join(self.folder, "build.log"), "w+")
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen([sys.executable, "-c", _BUILD], env={**os.environ, **self.env},
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -62,7 +65,8 @@ class _DeepSpeedBuild:
             self.process.kill()
             self.process.wait()
         self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.kept:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _build: _DeepSpeedBuild | None = None

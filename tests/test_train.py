@@ -403,7 +403,7 @@ def check_sharded_training(tmp_path: Path, kind: str, environment: dict) -> None
     train(quick(tmp_path / "one", steps=4, dtype=dtype, eval_every=0))
     run = tmp_path / "two"
     code, output = run_launcher(sharded_command(run, option, dtype), tmp_path / "launch", env=environment)
-    assert code == 0, output[-3000:]
+    assert_launch_succeeded(code, output)
     assert ("x 2 ranks (DeepSpeed ZeRO-2)" if kind == "zero2" else "x 2 ranks (FSDP2)") in output
     one, two = train_records(tmp_path / "one"), train_records(run)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=loss_tol)
@@ -424,7 +424,7 @@ def check_sharded_training(tmp_path: Path, kind: str, environment: dict) -> None
     shutil.rmtree(run / "checkpoints" / "step-000004")
     shutil.rmtree(run / "model")
     code, output = run_launcher(sharded_command(run, option, dtype, "--resume"), tmp_path / "resume", env=environment)
-    assert code == 0, output[-3000:]
+    assert_launch_succeeded(code, output)
     assert "resumed from" in output and "step-000002" in output
     resumed = train_records(run)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in two]
