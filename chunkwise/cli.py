@@ -248,7 +248,7 @@ def _print_plan(report, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .plan import describe_parts
+    from .plan import LONGEST_SEARCH_LIMIT, describe_parts
 
     shape, training, budget = report.shape, report.training, report.budget
 
@@ -294,6 +294,8 @@ def _print_plan(report, device: str) -> None:
         for method, plan in report.longest.items():
             if plan is None:
                 table.add_row(method, "none", "–", "–")
+            elif plan.seq_len >= LONGEST_SEARCH_LIMIT:  # the device part stopped growing: host memory decides
+                table.add_row(method, f"≥ {plan.seq_len:,} (device flat)", str(plan.chunk_size or "–"), size(plan.peak))
             else:
                 table.add_row(method, f"{plan.seq_len:,}", str(plan.chunk_size or "–"), size(plan.peak))
         console.print(table)

@@ -120,12 +120,12 @@ def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *
     trained = [p for _, p in named if p.requires_grad]
     frozen = [p for _, p in named if not p.requires_grad] or trained
     adapters = [(name, p) for name, p in named if ".lora_A." in name]
-    training = Training(
-        param_bytes=trained[0].element_size(), frozen_bytes=frozen[0].element_size(), autocast_bytes=2 if autocast else None,
-        lora_r=adapters[0][1].shape[0] if adapters else 0,
-        lora_targets=tuple(sorted({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in adapters})) or ("q_proj",),
-        batch_size=batch_size, attention=config.attention, device_type=device.type,
-    )
+    lora = {}
+    if adapters:  # "...layers.0.self_attn.q_proj.lora_A.default.weight": rank 8 on q_proj
+        lora = dict(lora_r=adapters[0][1].shape[0], lora_targets=tuple({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in adapters}))
+    training = Training(param_bytes=trained[0].element_size(), frozen_bytes=frozen[0].element_size(),
+                        autocast_bytes=2 if autocast else None, batch_size=batch_size, attention=config.attention,
+                        device_type=device.type, **lora)
     held = {t.data_ptr(): t.nbytes for _, p in named for t in (p, p.grad) if t is not None}
     for state in getattr(optimizer, "state", {}).values():
         held.update({t.data_ptr(): t.nbytes for t in state.values() if isinstance(t, torch.Tensor)})

@@ -38,6 +38,8 @@ PRECISIONS = ("float32", "float64", "bfloat16", "float16")
 # (docs/plan.md) plus allocator slack.
 AUTO_MARGIN = 0.10
 MIN_AUTO_CHUNK = 64
+# `longest_length` searches no further (16M tokens): an offloaded cache stops device memory from growing.
+LONGEST_SEARCH_LIMIT = 1 << 24
 # What the planner reports, in this order (bytes alive at the method's peak).
 PARTS = ("weights", "weight_copies", "gradients", "optimizer", "kv_cache", "kv_gradient", "activations",
          "logits_loss", "attention_backward", "optimizer_step")
@@ -382,8 +384,37 @@ def _attention_backward_bytes(shape: ModelShape, training: Training, kind: str, 
     return 2 * kv + shape.heads * shape.head_dim * tokens * size * b, 2 * kv  # sdpa over the whole sequence
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """What one forward of `tokens` tokens attending to `keys` keys holds (bytes, whole batch)."""
+
+    activations: _Activations
+    head: int  # the final norm's and the LM head's inputs, RoPE's tables
+    loss: int  # logits and loss in the loss's backward
+    backward: int  # one layer's attention backward, transient
+    backward_past: int  # the part of `backward` sized by the keys
+
+    @classmethod
+    def of(cls, shape: ModelShape, training: Training, method: str, tokens: int, keys: int) -> _Chunk:
+        kinds = attention_kinds(shape, training, method, keys, tokens)
+        acts = _activations(shape, training, kinds, tokens, keys)
+        b = training.batch_size
+        size = training.autocast_bytes if kinds[-1] in ("sdpa", "masked") and training.autocast_bytes else max(acts.kv_sizes)
+        backward, backward_past = _attention_backward_bytes(shape, training, kinds[-1], tokens, keys, size)
+        return cls(acts, head_input_bytes(shape, training) * tokens * b, _loss_bytes(shape, training, tokens * b), backward, backward_past)
+
+
 def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: int, chunk_size: int | None = None) -> MethodPlan:
-    """The predicted peak of one method's training step; see the module docstring."""
+    """The predicted peak of one method's training step: the largest of the moments below.
+
+    full: the loss's backward (every activation, no gradient yet); the LM head's backward (its gradient
+    arrives, one logits-sized tensor left). ckpt: the loss's backward (each layer's input); a recomputed
+    layer's backward (all gradients). seco/spaco: stage 2 visits the last chunk first, before any
+    gradient or KV-gradient buffer exists, then the one before it with all of them allocated; for each,
+    its loss's backward and its last layer's attention backward over its keys. SpaCO may select those
+    two chunks, and scales each relay by its factor (a copy of one chunk's KV relay). All: the optimizer
+    step. seco+offload counts the cache, its gradient and the past-sized tensors in host memory.
+    """
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if seq_len < 2:
@@ -393,46 +424,65 @@ def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: 
         raise PlanError(f"{method} needs a chunk size >= 1, got {chunk_size}")
     b = training.batch_size
     static = _static_parts(shape, training)
-    tokens = min(chunk_size, seq_len) if chunked else seq_len
-    kinds = attention_kinds(shape, training, method, seq_len, tokens)
-    acts = _activations(shape, training, kinds, tokens, seq_len)
-    head = head_input_bytes(shape, training) * tokens * b
-    loss = _loss_bytes(shape, training, tokens * b)
-    attention_size = training.autocast_bytes if kinds[-1] in ("sdpa", "masked") and training.autocast_bytes else max(acts.kv_sizes)
-    backward, backward_past = _attention_backward_bytes(shape, training, kinds[-1], tokens, seq_len, attention_size)
     resident = {"weights": static["weights"], "weight_copies": static["weight_copies"], "optimizer": static["optimizer"]}
-    kv = kv_gradient = 0
+    gradients = static["gradients"]
     phases: dict[str, dict[str, int]] = {}  # the moment -> bytes alive then, by part
+    on_host: dict[str, dict[str, int]] = {}  # seco+offload: the part of each moment in host memory
+    kv = kv_gradient = 0
 
-    if method == "full":
-        phases["loss backward"] = {**resident, "activations": acts.total + head, "logits_loss": loss}
-        # after the log-softmax's backward only the logits' gradient is left, and the LM head's gradient arrives
-        lm_head_gradient = 0 if training.lora else shape.lm_head_weights * training.param_bytes
-        phases["LM head backward"] = {**resident, "gradients": lm_head_gradient, "activations": acts.total + head, "logits_loss": loss // 3}
-    elif method == "ckpt":
-        # each layer's input, and the boolean [B, 1, T, T] mask they share where a sliding window needs one
-        checkpoints = shape.layers * shape.hidden * training.hidden_bytes * tokens * b + ("masked" in kinds) * b * tokens * tokens
-        phases["loss backward"] = {**resident, "activations": checkpoints + head, "logits_loss": loss}
-        phases["recomputed layer backward"] = {**resident, "gradients": static["gradients"], "attention_backward": backward,
-                                               "activations": checkpoints + acts.total // shape.layers}
+    if not chunked:
+        step = _Chunk.of(shape, training, method, seq_len, seq_len)
+        acts, head, loss = step.activations.total, step.head, step.loss
+        sizes = {"activations": acts + head, "logits_loss": loss}
+        if method == "full":
+            phases["loss backward"] = {**resident, "activations": acts + head, "logits_loss": loss}
+            # after the log-softmax's backward one logits-sized gradient is left, and the LM head's gradient arrives
+            lm_head_gradient = 0 if training.lora else shape.lm_head_weights * training.param_bytes
+            phases["LM head backward"] = {**resident, "gradients": lm_head_gradient, "activations": acts + head, "logits_loss": loss // 3}
+        else:
+            # each layer's input, and the boolean [B, 1, T, T] mask they share where a sliding window needs one
+            masked = any(window is not None and seq_len > window for window in shape.windows)
+            checkpoints = shape.layers * shape.hidden * training.hidden_bytes * seq_len * b + masked * b * seq_len * seq_len
+            phases["loss backward"] = {**resident, "activations": checkpoints + head, "logits_loss": loss}
+            phases["recomputed layer backward"] = {**resident, "gradients": gradients, "attention_backward": step.backward,
+                                                   "activations": checkpoints + acts // shape.layers}
     else:
-        kv = _kv_bytes(shape, acts.kv_sizes, seq_len * b)
-        kv_gradient = _kv_gradient_bytes(shape, training, acts.kv_sizes, seq_len * b)
-        common = {**resident, "gradients": static["gradients"], "kv_cache": kv, "kv_gradient": kv_gradient}
-        phases["loss backward"] = {**common, "activations": acts.total + head, "logits_loss": loss}
-        phases["attention backward"] = {**common, "activations": acts.total - acts.last_rest, "attention_backward": backward}
-    phases["optimizer step"] = {**resident, "gradients": static["gradients"], "optimizer_step": static["optimizer_step"]}
-    # seco+offload: the cache, its gradient and the past-sized tensors live in host memory
-    on_host = {"kv_cache": kv, "kv_gradient": kv_gradient, "activations": acts.past, "attention_backward": backward_past}
+        chunk = min(chunk_size, seq_len)
+        count = -(-seq_len // chunk)
+        last = _Chunk.of(shape, training, method, seq_len - (count - 1) * chunk, seq_len)
+        kv_sizes = last.activations.kv_sizes
+        kv = _kv_bytes(shape, kv_sizes, seq_len * b)
+        kv_gradient = _kv_gradient_bytes(shape, training, kv_sizes, seq_len * b)
+        # SpaCO seeds each backward with the chunk's KV relay times the compensation factor: a scaled copy
+        relay = _kv_gradient_bytes(shape, training, kv_sizes, chunk * b) if method == "spaco" else 0
+        # The last chunk's backward allocates the gradients as it goes: by its last layer's attention, the LM
+        # head's and one layer's, and that layer's KV-gradient buffer.
+        lm_head_gradient = 0 if training.lora else shape.lm_head_weights * training.param_bytes
+        one_layer = (gradients - (0 if training.lora else 2 * lm_head_gradient)) // shape.layers
+        visits = [("last chunk's ", last, {"kv_cache": kv}, {"gradients": lm_head_gradient + one_layer, "kv_gradient": kv_gradient // shape.layers})]
+        if count > 1:  # then the chunk before it, with every gradient buffer allocated
+            before = _Chunk.of(shape, training, method, chunk, (count - 1) * chunk)
+            held = {"kv_cache": kv, "kv_gradient": kv_gradient, "gradients": gradients}
+            visits.append(("", before, held, held))
+        for name, visit, at_loss, at_attention in visits:
+            acts = visit.activations
+            phases[f"{name}loss backward"] = {**resident, **at_loss, "activations": acts.total + visit.head + relay, "logits_loss": visit.loss}
+            phases[f"{name}attention backward"] = {**resident, **at_attention, "attention_backward": visit.backward,
+                                                   "activations": acts.total - acts.last_rest + relay}
+            for moment, held in ((f"{name}loss backward", at_loss), (f"{name}attention backward", at_attention)):
+                on_host[moment] = {"kv_cache": kv, "kv_gradient": held.get("kv_gradient", 0), "activations": acts.past}
+            on_host[f"{name}attention backward"]["attention_backward"] = visit.backward_past
+        sizes = {"kv_cache": kv, "kv_gradient": kv_gradient, "activations": visits[-1][1].activations.total + visits[-1][1].head,
+                 "logits_loss": visits[-1][1].loss}
+    phases["optimizer step"] = {**resident, "gradients": gradients, "optimizer_step": static["optimizer_step"]}
     if method != "seco+offload":
         on_host = {}
-    host = {name: sum(on_host.get(part, 0) for part in parts) for name, parts in phases.items()}
-    device = {name: {part: count - on_host.get(part, 0) for part, count in parts.items()} for name, parts in phases.items()}
+    host = {name: sum(on_host.get(name, {}).values()) for name in phases}
+    device = {name: {part: count - on_host.get(name, {}).get(part, 0) for part, count in parts.items()} for name, parts in phases.items()}
     cpu = training.device_type == "cpu"  # host and device are one memory
     peak = max(phases, key=lambda name: sum(device[name].values()) + (host[name] if cpu else 0))
-    sizes = {**static, "kv_cache": kv, "kv_gradient": kv_gradient, "activations": acts.total + head, "logits_loss": loss}
     parts = {part: device[peak][part] for part in PARTS if device[peak].get(part)}
-    return MethodPlan(method, seq_len, chunk_size if chunked else None, parts, peak, host[peak], sizes)
+    return MethodPlan(method, seq_len, chunk_size if chunked else None, parts, peak, host[peak], {**static, **sizes})
 
 
 def plan_memory(shape: ModelShape, training: Training, *, seq_len: int, chunk_size: int, methods=METHODS) -> list[MethodPlan]:
@@ -555,7 +605,7 @@ def fit_chunk_size(shape: ModelShape, training: Training, *, seq_len: int, budge
 
 
 def longest_length(shape: ModelShape, training: Training, method: str, *, budget: Budget, chunk_size: int | None = None,
-                   limit: int = 1 << 24) -> MethodPlan | None:
+                   limit: int = LONGEST_SEARCH_LIMIT) -> MethodPlan | None:
     """The plan of the longest sequence `method` trains within `budget` (None if not even 2 tokens fit).
 
     With `chunk_size` None the chunk is chosen as `fit_chunk_size` does at each length, so at the limit
