@@ -248,14 +248,12 @@ def _print_plan(report, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .plan import LONGEST_SEARCH_LIMIT, describe_parts
+    from .plan import LONGEST_SEARCH_LIMIT, describe_parts, format_size
 
     shape, training, budget = report.shape, report.training, report.budget
 
     def size(count: int | None) -> str:
-        if not count:
-            return "–"
-        return f"{count / (1 << 30):.2f} GiB" if count >= (1 << 30) / 10 else f"{count / (1 << 20):.1f} MiB"
+        return format_size(count) if count else "–"
 
     trained = f"LoRA r={training.lora_r} on {','.join(training.lora_targets)}" if training.lora else "all parameters trained"
     console = Console(width=170)

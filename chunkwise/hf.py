@@ -388,8 +388,12 @@ class ChunkwiseTrainerMixin:
     def chunkwise_engine(self, model: torch.nn.Module, chunk_size: int | None = None) -> SeCO:
         """The engine for `model` (as Trainer passes it: maybe DDP- or PEFT-wrapped), built on first use
         (and again for another `chunk_size`, which chunk_size="auto" picks per batch shape)."""
-        chunk_size = chunk_size or self.chunkwise.chunk_size
         engine = self._chunkwise_engine
+        if chunk_size is None and self.chunkwise.chunk_size == "auto":  # the chunk the last batch shape got
+            if engine is None:
+                raise ValueError("chunk_size='auto' is decided per batch: pass chunkwise_chunk_size(model, batch)")
+            chunk_size = engine.chunk_size
+        chunk_size = chunk_size or self.chunkwise.chunk_size
         if engine is None or self._chunkwise_engine_model is not model or engine.chunk_size != chunk_size:
             options = dict(chunk_size=chunk_size, attention=self.chunkwise.attention, offload_kv=self.chunkwise.offload_kv)
             if self.chunkwise.method == "seco":

@@ -112,9 +112,10 @@ class ModelShape:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PlanError(f"{name}: transformers cannot build a causal LM from its config ({str(error).splitlines()[0]})") from None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        dims = {}
+        # GPT-2-style configs name no intermediate size: their MLP is 4 x hidden (approximate anyway).
+        dims = {"intermediate_size": getattr(text, "intermediate_size", None) or 4 * (getattr(text, "hidden_size", 0) or 0)}
         for field_name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
-            value = getattr(text, field_name, None)
+            value = dims.get(field_name) or getattr(text, field_name, None)
             if not isinstance(value, int) or value < 1:
                 raise PlanError(f"{name}: its config has no usable {field_name} (got {value!r}); is it a decoder-only causal LM?")
             dims[field_name] = value
@@ -135,7 +136,8 @@ class ModelShape:
                 if id(module.weight) not in seen:
                     seen.add(id(module.weight))
                     linear_weights += module.weight.numel()
-        first_layer = model.get_decoder().layers[0]
+        layer_list = getattr(model.get_decoder(), "layers", None)
+        first_attention = getattr(layer_list[0], "self_attn", None) if layer_list else None
         return cls(
             name=name,
             model_type=getattr(text, "model_type", type(config).__name__),
@@ -147,12 +149,12 @@ class ModelShape:
             head_dim=head_dim,
             vocab=dims["vocab_size"],
             max_positions=getattr(text, "max_position_embeddings", None),
-            qk_norm=hasattr(getattr(first_layer, "self_attn", None), "q_norm"),
+            qk_norm=hasattr(first_attention, "q_norm"),
             windows=windows,
             parameters=sum(p.numel() for p in model.parameters()),
             linears=tuple(linears),
             linear_weights=linear_weights,
-            lm_head_weights=model.get_output_embeddings().weight.numel(),
+            lm_head_weights=dims["vocab_size"] * dims["hidden_size"],
         )
 
     def lora_modules(self, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
@@ -521,7 +523,7 @@ class Budget:
         return device_type == "cpu" or self.host_usable is None or plan.host <= self.host_usable
 
     def describe(self) -> str:
-        return f"{_gib(self.usable)} usable ({_gib(self.free)} {self.source}, less the {AUTO_MARGIN:.0%} margin)"
+        return f"{format_size(self.usable)} usable ({format_size(self.free)} {self.source}, less the {AUTO_MARGIN:.0%} margin)"
 
 
 def host_available_memory() -> int:
@@ -644,7 +646,8 @@ def longest_length(shape: ModelShape, training: Training, method: str, *, budget
     return best
 
 
-def _gib(count: int) -> str:
+def format_size(count: int) -> str:
+    """Bytes as GiB with two decimals, or MiB below 0.1 GiB."""
     return f"{count / GiB:.2f} GiB" if count >= GiB / 10 else f"{count / MiB:.1f} MiB"
 
 
@@ -653,15 +656,15 @@ def describe_parts(plan: MethodPlan) -> str:
     names = {"kv_cache": "KV cache", "kv_gradient": "KV gradient", "logits_loss": "logits and loss",
              "weight_copies": "autocast weight copies", "attention_backward": "attention backward",
              "optimizer_step": "optimizer step"}
-    parts = ", ".join(f"{names.get(name, name)} {_gib(count)}" for name, count in plan.parts.items())
-    return parts + (f"; host {_gib(plan.host)}" if plan.host else "")
+    parts = ", ".join(f"{names.get(name, name)} {format_size(count)}" for name, count in plan.parts.items())
+    return parts + (f"; host {format_size(plan.host)}" if plan.host else "")
 
 
 def _refusal(shape: ModelShape, training: Training, plan: MethodPlan, budget: Budget) -> str:
     """Why a length cannot fit, with the numbers and what would."""
     chunk = f" with {plan.chunk_size}-token chunks" if plan.chunk_size else ""
     lines = [f"{plan.seq_len} tokens x {training.batch_size} do not fit: {plan.method}{chunk} needs "
-             f"{_gib(plan.total(training.device_type))} ({describe_parts(plan)}; peak at the {plan.phase}) but "
+             f"{format_size(plan.total(training.device_type))} ({describe_parts(plan)}; peak at the {plan.phase}) but "
              f"{budget.describe()}."]
     longest = longest_length(shape, training, plan.method, budget=budget)
     if longest is not None:
@@ -669,8 +672,8 @@ def _refusal(shape: ModelShape, training: Training, plan: MethodPlan, budget: Bu
     if plan.method in ("seco", "spaco"):
         offloaded, _ = _largest_fitting(shape, training, plan.seq_len, budget, "seco+offload")
         if offloaded is not None:
-            lines.append(f"With --offload-kv it fits ({offloaded.chunk_size}-token chunks, {_gib(offloaded.peak)} on the device, "
-                         f"{_gib(offloaded.host)} in host memory).")
+            lines.append(f"With --offload-kv it fits ({offloaded.chunk_size}-token chunks, {format_size(offloaded.peak)} on the device, "
+                         f"{format_size(offloaded.host)} in host memory).")
     return " ".join(lines)
 
 

@@ -37,8 +37,8 @@ from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batche
 from .engine import SeCO, SpaCO
 from .loss import chunk_loss_sum, count_targets, shift_labels
 from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_model_config, load_tokenizer, resolve_device, training_dtypes
-from .plan import PlanError, describe_parts, parse_bytes, plan_training_step
-from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, format_bytes, peak_memory_bytes, plot_losses
+from .plan import PlanError, describe_parts, format_size, parse_bytes, plan_training_step
+from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
 from .sampling import SAMPLERS
 
@@ -294,7 +294,7 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     chunk = torch.tensor([plan.chunk_size or config.seq_len], device=device if device.type == "cuda" else "cpu")
     if dist.world_size > 1:  # every rank cuts its sequences the same way
         torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
-    log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_bytes(plan.total(device.type))} ({describe_parts(plan)})")
+    log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_size(plan.total(device.type))} ({describe_parts(plan)})")
     return dataclasses.replace(config, chunk_size=int(chunk))
 
 
