@@ -43,7 +43,9 @@ class _LayerTrace:
         self.alive = 0  # bytes held but not saved by autograd: the chunk's fresh keys/values (ChunkCache.fresh)
         self.per_key = 0
         self.per_token_key = 0
-        self.kv_sizes = (0, 0)  # element sizes of the keys and values the cache stores
+        self.state_sizes = (0, 0)  # element sizes of the keys and values the layer makes (and its relay seeds)
+        self.kv_sizes = (0, 0)  # element sizes of the keys and values the cache stores (and their gradients)
+        self.attention_size = 0  # element size attention computes in
 
     @property
     def per_token(self) -> int:
@@ -104,38 +106,50 @@ class _LayerTrace:
             self.keep(b)
         return _Sym(a.width, max(a.size, b.size), a.grad or b.grad)
 
+    def stored_size(self, x: _Sym) -> int:
+        """The element size `ChunkCache` keeps keys/values (and their gradients) in: the autocast dtype where narrower."""
+        autocast = self.training.autocast_bytes
+        return min(x.size, autocast) if autocast else x.size
+
     def attention(self, q: _Sym, k: _Sym, v: _Sym, kind: str) -> _Sym:
         """Attention of the chunk's queries over its keys; `kind` is the code path (see `attention_kinds`)."""
         s = self.shape
-        self.kv_sizes = (k.size, v.size)
-        if kind == "sdpa":  # the whole sequence, no mask: transformers' SDPA with grouped heads
-            autocast = self.training.autocast_bytes
-            for t in (q, k, v):
-                self.keep(self.cast(t, autocast))
-            out = _Sym(q.width, autocast or q.size, True)
-        elif kind == "masked":  # SDPA with a boolean mask over a past: repeat_kv copies and a float mask
-            size = self.training.autocast_bytes or max(q.size, k.size, v.size)
-            self.keep(self.cast(q, size))
-            self.per_key += 2 * s.heads * s.head_dim * size
-            self.per_token_key += size
-            self.alive += k.bytes + v.bytes
-            out = _Sym(q.width, size, True)
-        else:  # chunkwise.attention: computes in the widest of q/k/v with autocast off
-            size = max(q.size, k.size, v.size)
-            kv = s.kv_heads * s.head_dim
-            self.per_key += sum(kv * size for t in (k, v) if t.size != size)  # .to(size) copies the whole past
-            self.alive += k.bytes + v.bytes  # the fresh keys/values, held by the cache for the relay
-            if kind == "split":  # CPU: the fused kernel's inputs and output
+        autocast = self.training.autocast_bytes
+        self.state_sizes = (k.size, v.size)
+        self.kv_sizes = (self.stored_size(k), self.stored_size(v))
+        if kind in ("sdpa", "masked"):
+            size = autocast or max(q.size, k.size, v.size)
+            self.attention_size = size
+            if kind == "sdpa":  # the whole sequence, no mask: transformers' SDPA with grouped heads
+                for t in (q, k, v):
+                    self.keep(self.cast(t, autocast))
+            else:  # SDPA with a boolean mask over a past: repeat_kv copies and a float mask
                 self.keep(self.cast(q, size))
-                out = _Sym(q.width, size, True)
-            else:  # "blocked" (other devices): scaled queries and a float32 output accumulator
-                self.keep(_Sym(q.width, size, True))
-                self.keep(_Sym(q.width, max(size, 4), True))
-                self.keep(_Sym(s.heads, 4, True))  # log-sum-exp per head
-                return _Sym(q.width, size, True)  # a [B, c, H, D] copy for o_proj, saved only if o_proj trains
-        self.keep(out)
+                self.per_key += 2 * s.heads * s.head_dim * size
+                self.per_token_key += size
+                self.alive += k.bytes + v.bytes
+            out = _Sym(q.width, size, True)
+            self.keep(out)
+            self.keep(_Sym(s.heads, 4, True))  # log-sum-exp per head
+            return out
+        # chunkwise.attention: computes in the autocast dtype, else the widest of q/k/v, with autocast off
+        size = self.attention_size = autocast or max(q.size, k.size, v.size)
+        self.alive += k.bytes + v.bytes  # the fresh keys/values, held by the cache for the relay
+        if kind == "offloaded":  # the chunk's own K/V, rounded to the cache's dtype, then to `size`: saved
+            for fresh, stored in zip((k, v), self.kv_sizes):
+                own = self.cast(self.cast(fresh, stored), size)
+                if own is not fresh:
+                    self.keep(own)
+        else:  # the cache's views of the past: `.to(size)` copies the whole past where the cache's dtype differs
+            self.per_key += sum(s.kv_heads * s.head_dim * size for stored in self.kv_sizes if stored != size)
+        if kind == "blocked":  # no fused kernel: scaled queries and a float32 (or wider) output accumulator
+            self.keep(_Sym(q.width, size, True))
+            self.keep(_Sym(q.width, max(size, 4), True))
+        else:  # "split", "offloaded": the fused kernels' query and merged output
+            self.keep(self.cast(q, size))
+            self.keep(_Sym(q.width, size, True))
         self.keep(_Sym(s.heads, 4, True))  # log-sum-exp per head
-        return out
+        return _Sym(q.width, size, True)  # a [B, c, H, D] copy for o_proj, saved only if o_proj trains
 
     def decoder_layer(self, kind: str, input_grad: bool) -> int:
         """Trace a Llama-family layer; returns the bytes per token saved up to and including attention."""
@@ -169,19 +183,28 @@ class _LayerTrace:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Bytes per token one decoder layer keeps for backward (per key: sized by the past; see `_LayerTrace`)."""
+    """Bytes per token one decoder layer keeps for backward (per key: sized by the past; see `_LayerTrace`).
+
+    Attributes:
+        state_sizes: element sizes of the keys and values the layer makes (the relay's dtype).
+        kv_sizes: element sizes the cache stores them and their gradients in (the autocast dtype where narrower).
+        attention_size: element size attention computes in.
+    """
 
     per_token: int
     per_key: int
     per_token_key: int
     up_to_attention: int
+    state_sizes: tuple[int, int]
     kv_sizes: tuple[int, int]
+    attention_size: int
 
     @classmethod
     def trace(cls, shape, training, kind: str, *, input_grad: bool = True) -> LayerCost:
         trace = _LayerTrace(shape, training)
         up_to_attention = trace.decoder_layer(kind, input_grad)
-        return cls(trace.per_token, trace.per_key, trace.per_token_key, up_to_attention, trace.kv_sizes)
+        return cls(trace.per_token, trace.per_key, trace.per_token_key, up_to_attention, trace.state_sizes, trace.kv_sizes,
+                   trace.attention_size)
 
 
 def head_input_bytes(shape, training) -> int:

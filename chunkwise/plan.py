@@ -226,25 +226,43 @@ class Training:
         return {4: "float32", 8: "float64", 2: "16-bit"}[self.param_bytes]
 
 
+def has_fused_kernel(shape: ModelShape, training: Training) -> bool:
+    """Whether `chunkwise.kernels` has a fused part kernel for this device, dtype and head dim (its table,
+    `PartKernel.supports`; the first-use self-check is assumed to pass). Without one, attention is blocked."""
+    import torch
+
+    from .kernels import KERNELS
+
+    size = training.autocast_bytes or training.hidden_bytes
+    dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[size]
+    device = torch.device(training.device_type)
+    return any(kernel.supports(device, dtype, shape.head_dim) for kernel in KERNELS)
+
+
 def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len: int, chunk_size: int) -> list[str]:
     """The attention code path of each layer for the chunk that attends to the longest past.
 
     full/ckpt: "sdpa" (transformers' SDPA over the whole sequence; "masked" where a sliding window is
-    shorter than it). seco/spaco: `chunkwise.attention` ("split" on CPU, "blocked" elsewhere, and always
-    "blocked" for an offloaded cache on a GPU); a layer whose window is shorter than the past, and every
-    layer with attention="model", falls back to SDPA with a mask ("masked").
+    shorter than it). seco/spaco: `chunkwise.attention` on a fused kernel ("split"; "offloaded" for
+    seco+offload), or "blocked" where no kernel takes the dtype and head dim (`has_fused_kernel`); a layer
+    whose window is shorter than the past, and every layer with attention="model", falls back to SDPA
+    with a mask ("masked").
     """
+    if not has_fused_kernel(shape, training):
+        chunkwise = "blocked"
+    else:
+        chunkwise = "offloaded" if method == "seco+offload" else "split"
     kinds = []
     for window in shape.windows:
         windowed = window is not None and seq_len > window
         if method in ("full", "ckpt"):
             kinds.append("masked" if windowed else "sdpa")
         elif chunk_size >= seq_len and not windowed:
-            kinds.append("split" if training.device_type == "cpu" else "blocked")  # one chunk: no past
+            kinds.append(chunkwise)  # one chunk: no past
         elif training.attention == "model" or windowed:
             kinds.append("masked")
         else:
-            kinds.append("split" if training.device_type == "cpu" else "blocked")
+            kinds.append(chunkwise)
     return kinds
 
 
@@ -324,13 +342,13 @@ class _Activations:
         total: everything the layers keep for backward, `past` included.
         past: the part sized by the keys (copies of the past); it lives with the cache when offloaded.
         last_rest: the last layer's part after its attention, freed before its attention's backward.
-        kv_sizes: element sizes of the keys and values the cache stores.
+        last: the last layer's trace (element sizes of its keys/values, stored and made, and of its attention).
     """
 
     total: int
     past: int
     last_rest: int
-    kv_sizes: tuple[int, int]
+    last: LayerCost
 
 
 def _activations(shape: ModelShape, training: Training, kinds: list[str], tokens: int, keys: int) -> _Activations:
@@ -345,7 +363,7 @@ def _activations(shape: ModelShape, training: Training, kinds: list[str], tokens
         cost = traced[key]
         past += cost.per_key * keys * b
         total += cost.per_token * tokens * b + cost.per_key * keys * b + cost.per_token_key * tokens * keys * b
-    return _Activations(total, past, (cost.per_token - cost.up_to_attention) * tokens * b, cost.kv_sizes)
+    return _Activations(total, past, (cost.per_token - cost.up_to_attention) * tokens * b, cost)
 
 
 def _kv_bytes(shape: ModelShape, kv_sizes: tuple[int, int], tokens: int) -> int:
@@ -366,17 +384,47 @@ def _kv_gradient_bytes(shape: ModelShape, training: Training, kv_sizes: tuple[in
     return total
 
 
-def _attention_backward_bytes(shape: ModelShape, training: Training, kind: str, tokens: int, keys: int, size: int) -> tuple[int, int]:
+def _relay_bytes(shape: ModelShape, training: Training, cost: LayerCost, tokens: int, method: str) -> int:
+    """The KV relay seeding a chunk's backward (`ChunkCache.relay`), on the device in the dtype the layers
+    make K/V in: views of the gradient buffers, or copies where the buffers are narrower (autocast) or in
+    host memory on a GPU (offload). SpaCO scales it by its factor: one more copy."""
+    host = method == "seco+offload" and training.device_type != "cpu"
+    copied = tuple(made if host or made != stored else 0 for made, stored in zip(cost.state_sizes, cost.kv_sizes))
+    relay = _kv_gradient_bytes(shape, training, copied, tokens)
+    if method == "spaco":
+        relay += _kv_gradient_bytes(shape, training, cost.state_sizes, tokens)
+    return relay
+
+
+def _streamed_bytes(shape: ModelShape, cost: LayerCost, past: int, batch: int) -> int:
+    """An offloaded past's two device buffers (`chunkwise.offload.BlockStreamer`) of a block of keys and values
+    (or of their gradient sums), sized for a past of `past` tokens."""
+    return 2 * shape.kv_heads * shape.head_dim * _past_block(past) * batch * sum(cost.kv_sizes)
+
+
+def _past_block(past: int) -> int:
+    """Keys of the largest block of a past `chunkwise.attention` hands a fused kernel (and streams when offloaded)."""
+    from .attention import PAST_BLOCK
+
+    return max(0, min(PAST_BLOCK, past))
+
+
+def _attention_backward_bytes(shape: ModelShape, training: Training, kind: str, tokens: int, keys: int, cost: LayerCost) -> tuple[int, int]:
     """(transient bytes of one layer's attention backward over `keys` keys, the part of it sized by the keys).
 
-    `size`: the element size attention computes in. split (CPU): the past's key/value gradients, then
-    their concatenation with the chunk's. blocked: full-length key/value gradients (allocated where the
-    cache lives) and a few float32 score blocks. SDPA: the gradients of the keys/values repeated per head.
+    split: the past blocks' key/value gradients, then their concatenation with the chunk's. offloaded:
+    one past block's key/value gradients and their time-major copies for the host (the past's stay in
+    host memory). blocked: full-length key/value gradients (allocated where the cache lives) and a few
+    float32 score blocks. SDPA: the gradients of the keys/values repeated per head.
     """
     b = training.batch_size
+    size = cost.attention_size
     kv = shape.kv_heads * shape.head_dim * keys * size * b
     if kind == "split":
         return 4 * kv, 4 * kv
+    if kind == "offloaded":
+        block = shape.kv_heads * shape.head_dim * _past_block(keys - tokens) * b
+        return block * (2 * size + sum(cost.kv_sizes)), 0
     if kind == "blocked":
         block = max(128, (1 << 25) // max(1, b * shape.heads * tokens))
         return 2 * kv + 3 * 4 * b * shape.heads * tokens * min(block, keys), 2 * kv
@@ -401,8 +449,7 @@ class _Chunk:
         kinds = attention_kinds(shape, training, method, keys, tokens)
         acts = _activations(shape, training, kinds, tokens, keys)
         b = training.batch_size
-        size = training.autocast_bytes if kinds[-1] in ("sdpa", "masked") and training.autocast_bytes else max(acts.kv_sizes)
-        backward, backward_past = _attention_backward_bytes(shape, training, kinds[-1], tokens, keys, size)
+        backward, backward_past = _attention_backward_bytes(shape, training, kinds[-1], tokens, keys, acts.last)
         return cls(acts, head_input_bytes(shape, training) * tokens * b, _loss_bytes(shape, training, tokens * b), backward, backward_past)
 
 
@@ -412,10 +459,11 @@ def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: 
     full: the loss's backward (every activation, no gradient yet); the LM head's backward (its gradient
     arrives, one logits-sized tensor left). ckpt: the loss's backward (each layer's input); a recomputed
     layer's backward (all gradients). seco/spaco: stage 2 visits the last chunk first, before any
-    gradient or KV-gradient buffer exists, then the one before it with all of them allocated; for each,
-    its loss's backward and its last layer's attention backward over its keys. SpaCO may select those
-    two chunks, and scales each relay by its factor (a copy of one chunk's KV relay). All: the optimizer
-    step. seco+offload counts the cache, its gradient and the past-sized tensors in host memory.
+    gradient or KV-gradient buffer exists, then the one before it with all of them allocated and seeded
+    with its KV relay (`_relay_bytes`); for each, its loss's backward and its last layer's attention
+    backward over its keys. SpaCO may select those two chunks, and scales the relay by its factor (one
+    more copy). All: the optimizer step. seco+offload counts the cache, its gradient and the past-sized
+    tensors in host memory, and the streamed blocks of the past on the device (`_streamed_bytes`).
     """
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -452,21 +500,26 @@ def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: 
         chunk = min(chunk_size, seq_len)
         count = -(-seq_len // chunk)
         last = _Chunk.of(shape, training, method, seq_len - (count - 1) * chunk, seq_len)
-        kv_sizes = last.activations.kv_sizes
-        kv = _kv_bytes(shape, kv_sizes, seq_len * b)
-        kv_gradient = _kv_gradient_bytes(shape, training, kv_sizes, seq_len * b)
-        # SpaCO seeds each backward with the chunk's KV relay times the compensation factor: a scaled copy
-        relay = _kv_gradient_bytes(shape, training, kv_sizes, chunk * b) if method == "spaco" else 0
+        cost = last.activations.last
+        kv = _kv_bytes(shape, cost.kv_sizes, seq_len * b)
+        kv_gradient = _kv_gradient_bytes(shape, training, cost.kv_sizes, seq_len * b)
+        # The device's blocks of an offloaded past (seco+offload on a fused kernel), kept for the step: the
+        # streamer's two buffers of keys and values, and of the KV-gradient sums from the third-last chunk on.
+        streamed = summed = 0
+        if "offloaded" in attention_kinds(shape, training, method, seq_len, chunk):
+            streamed = _streamed_bytes(shape, cost, (count - 1) * chunk, b)
+            summed = _streamed_bytes(shape, cost, (count - 2) * chunk, b)
         # The last chunk's backward allocates the gradients as it goes: by its last layer's attention, the LM
         # head's and one layer's, and that layer's KV-gradient buffer.
         lm_head_gradient = 0 if training.lora else shape.lm_head_weights * training.param_bytes
         one_layer = (gradients - (0 if training.lora else 2 * lm_head_gradient)) // shape.layers
-        visits = [("last chunk's ", last, {"kv_cache": kv}, {"gradients": lm_head_gradient + one_layer, "kv_gradient": kv_gradient // shape.layers})]
-        if count > 1:  # then the chunk before it, with every gradient buffer allocated
+        visits = [("last chunk's ", last, 0, {"kv_cache": kv + streamed},
+                   {"kv_cache": kv + streamed, "gradients": lm_head_gradient + one_layer, "kv_gradient": kv_gradient // shape.layers})]
+        if count > 1:  # then the chunk before it, with every gradient buffer allocated, seeded with its relay
             before = _Chunk.of(shape, training, method, chunk, (count - 1) * chunk)
-            held = {"kv_cache": kv, "kv_gradient": kv_gradient, "gradients": gradients}
-            visits.append(("", before, held, held))
-        for name, visit, at_loss, at_attention in visits:
+            held = {"kv_cache": kv + streamed + summed, "kv_gradient": kv_gradient, "gradients": gradients}
+            visits.append(("", before, _relay_bytes(shape, training, cost, chunk * b, method), held, held))
+        for name, visit, relay, at_loss, at_attention in visits:
             acts = visit.activations
             phases[f"{name}loss backward"] = {**resident, **at_loss, "activations": acts.total + visit.head + relay, "logits_loss": visit.loss}
             phases[f"{name}attention backward"] = {**resident, **at_attention, "attention_backward": visit.backward,
