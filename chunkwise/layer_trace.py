@@ -117,17 +117,18 @@ class _LayerTrace:
         autocast = self.training.autocast_bytes
         self.state_sizes = (k.size, v.size)
         self.kv_sizes = (self.stored_size(k), self.stored_size(v))
-        if kind in ("sdpa", "masked"):
+        if kind in ("sdpa", "cached", "masked"):  # transformers' SDPA
             size = autocast or max(q.size, k.size, v.size)
             self.attention_size = size
-            if kind == "sdpa":  # the whole sequence, no mask: transformers' SDPA with grouped heads
+            if kind == "sdpa":  # the whole sequence, no mask: grouped heads, q/k/v cast by autocast
                 for t in (q, k, v):
                     self.keep(self.cast(t, autocast))
-            else:  # SDPA with a boolean mask over a past: repeat_kv copies and a float mask
+            else:  # over the cache's views of K/V (the fresh ones stay alive in the cache for the relay)
                 self.keep(self.cast(q, size))
-                self.per_key += 2 * s.heads * s.head_dim * size
-                self.per_token_key += size
                 self.alive += k.bytes + v.bytes
+                if kind == "masked":  # a boolean mask: repeat_kv copies of the keys and values, a float mask
+                    self.per_key += 2 * s.heads * s.head_dim * size
+                    self.per_token_key += size
             out = _Sym(q.width, size, True)
             self.keep(out)
             self.keep(_Sym(s.heads, 4, True))  # log-sum-exp per head

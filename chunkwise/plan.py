@@ -246,7 +246,7 @@ def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len:
     shorter than it). seco/spaco: `chunkwise.attention` on a fused kernel ("split"; "offloaded" for
     seco+offload), or "blocked" where no kernel takes the dtype and head dim (`has_fused_kernel`); a layer
     whose window is shorter than the past, and every layer with attention="model", falls back to SDPA
-    with a mask ("masked").
+    with a mask ("masked"), or, with attention="model" and no past, to SDPA without one ("cached").
     """
     if not has_fused_kernel(shape, training):
         chunkwise = "blocked"
@@ -257,8 +257,8 @@ def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len:
         windowed = window is not None and seq_len > window
         if method in ("full", "ckpt"):
             kinds.append("masked" if windowed else "sdpa")
-        elif chunk_size >= seq_len and not windowed:
-            kinds.append(chunkwise)  # one chunk: no past
+        elif chunk_size >= seq_len and not windowed:  # one chunk: no past
+            kinds.append("cached" if training.attention == "model" else chunkwise)
         elif training.attention == "model" or windowed:
             kinds.append("masked")
         else:

@@ -42,9 +42,10 @@ def _config(arch: str, layers: int):
 
 
 def _saved_bytes(arch: str, kind: str, layers: int, tokens: int, lora: bool, autocast: bool) -> tuple[int, tuple, tuple]:
-    """Bytes autograd saves in one forward (a chunk with `tokens` of past for the chunk-wise kinds), parameters
-    and the cache's buffers excluded, plus the fresh keys/values the cache holds for the relay (each storage
-    once); and the element sizes of the keys/values the cache stores and the layers make."""
+    """Bytes autograd saves in one forward (stage 2's second chunk, after `tokens` of past; the first one, without
+    a past, for "cached"), parameters and the cache's buffers excluded, plus the fresh keys/values the cache
+    holds for the relay (each storage once); and the element sizes of the keys/values the cache stores and
+    the layers make."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -76,11 +77,12 @@ def _saved_bytes(arch: str, kind: str, layers: int, tokens: int, lora: bool, aut
         select_kernel = attention_module.select_kernel
         if kind == "blocked":  # the path taken where no fused kernel passes its check, run on the CPU
             attention_module.select_kernel = lambda *args, **kwargs: None
+        chunk = 0 if kind == "cached" else 1
         try:
-            with chunk_attention(handle.decoder.config, enabled=kind != "masked"):
+            with chunk_attention(handle.decoder.config, enabled=kind not in ("masked", "cached")):
                 forward_checkpoints(handle, batch, cache, report_only=set(), devices=[])
-                cache.prepare(num_past=1, record=False)
-                inputs = _chunk_inputs(batch, 1, handle, cache)
+                cache.prepare(num_past=chunk, record=False)
+                inputs = _chunk_inputs(batch, chunk, handle, cache)
                 exclude.update(b.untyped_storage().data_ptr() for layer in cache.layers for b in layer.stored)
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     handle.decoder(**inputs)
@@ -105,6 +107,7 @@ def _saved_bytes(arch: str, kind: str, layers: int, tokens: int, lora: bool, aut
         ("llama", "masked", False, True),  # SDPA reads the bfloat16 cache: repeat_kv copies in bfloat16
         ("llama", "offloaded", False, True),  # the chunk's own float32 keys rounded to the cache's bfloat16: saved
         ("qwen3", "offloaded", True, True),
+        ("qwen3", "cached", False, True),  # attention="model" without a past: SDPA reads the cache's bfloat16 views
     ],
 )
 def test_layer_trace_matches_what_autograd_saves(arch, kind, lora, autocast):
@@ -116,7 +119,8 @@ def test_layer_trace_matches_what_autograd_saves(arch, kind, lora, autocast):
     shape = ModelShape.from_config(_config(arch, 2), name=arch)
     training = Training.from_precision("bfloat16" if autocast else "float32", device_type="cpu", lora_r=8 if lora else 0)
     cost = LayerCost.trace(shape, training, kind)
-    # From `tokens` to `2 tokens` chunk tokens, the keys go from 2 tokens to 4 tokens (past + chunk).
+    # From `tokens` to `2 tokens` chunk tokens, the keys go from 2 tokens to 4 tokens (past + chunk); sdpa and cached
+    # have no per-key terms.
     keys = 0 if kind == "sdpa" else 2 * tokens
     predicted = cost.per_token * tokens + cost.per_key * keys + cost.per_token_key * (2 * tokens * 4 * tokens - tokens * 2 * tokens)
     assert predicted == per_layer
