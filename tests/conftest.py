@@ -1,4 +1,5 @@
-"""Shared fixtures: DeepSpeed on CPU, its C++ op built once per test session, in the background.
+"""Fixtures shared by test modules: one intra-op thread; DeepSpeed on CPU, its C++ op built once per test session,
+in the background.
 
 DeepSpeed's CPU accelerator builds a small shared-memory op with g++ the first time it starts (about a
 minute of CPU). The build starts as soon as the session knows that a selected test uses DeepSpeed, in its
@@ -17,6 +18,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 # Built only where DeepSpeed itself would build it (a compiler is there): otherwise it runs without. A deepspeed
 # that does not import exits with code 3 and the error, and the DeepSpeed tests skip with it.
@@ -99,3 +101,12 @@ def deepspeed_cpu() -> dict:
         _build = _DeepSpeedBuild()
     _build.wait()
     return dict(_build.env)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost ~10x (spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
