@@ -99,18 +99,20 @@ def _chunk_loss(model: torch.nn.Module, batch: ChunkedBatch, chunk: int, inputs:
 
 @torch.no_grad()
 def forward_checkpoints(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list, sync: GradientSync
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list,
+    sync: GradientSync | None = None,
 ) -> tuple[list, dict[int, torch.Tensor]]:
     """Stage 1: store every chunk's KV checkpoint, keeping no activations.
 
     Args:
         report_only: chunks that stage 2 will not visit but whose loss is reported; they run with the
             LM head (the last chunk too, if it is among them).
-        sync: says which module runs a chunk (see `chunkwise.parallel`).
+        sync: says which module runs a chunk (see `chunkwise.parallel`); default: the model itself, one process.
     Returns:
         The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
         of each chunk in `report_only`.
     """
+    sync = sync or GradientSync(handle)
     rng_states, reported = [], {}
     last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
