@@ -221,9 +221,14 @@ def _print_summary(result) -> None:
     print(f"loss: {result.first_loss:.4f} at the first step -> {result.last_loss:.4f} at step {result.step}"
           + (f" ({result.skipped_steps} steps skipped: non-finite)" if result.skipped_steps else ""))
     if result.evaluations:
-        first, last = result.evaluations[0], result.evaluations[-1]
+        from .heldout import best_evaluation
+
+        first, last, best = result.evaluations[0], result.evaluations[-1], best_evaluation(result.evaluations)
+        chance = f" (chance {last['chance']:.1%})" if "chance" in last else ""
         print(f"held-out accuracy: {first['accuracy']:.1%} at step {first['step']} -> {last['accuracy']:.1%} at step "
-              f"{last['step']} (chance {last['chance']:.1%}); held-out loss {first['loss']:.4f} -> {last['loss']:.4f}")
+              f"{last['step']}{chance}; held-out loss {first['loss']:.4f} -> {last['loss']:.4f}")
+        if best is not None:
+            print(f"best held-out loss: {best['loss']:.4f} (perplexity {best['perplexity']:.3f}) at step {best['step']}")
 
 
 def evaluate(given: dict, *, as_json: bool) -> int:
@@ -346,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--packing", choices=["pack", "truncate"], help="pack documents into seq-len blocks (default for text) or truncate each (default for instruction data)")
     fit.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 100; 0: only at the end and on interruption)")
     fit.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 1)")
-    fit.add_argument("--eval-every", type=int, help="synthetic task: held-out accuracy every N steps (default: demo 100, else 0)")
+    fit.add_argument("--eval-every", type=int, help="held-out loss and accuracy every N steps, chunk by chunk (default 100 with --eval-data or on the demo, else 0)")
+    fit.add_argument("--eval-data", help="held-out data in any --data format, read like --data; default: the synthetic task's held-out stream when training on it")
+    fit.add_argument("--eval-split", help="split of the --eval-data dataset (default: --split), e.g. validation")
     fit.add_argument("--log-every", type=int, help="print a progress line every N steps when not on a terminal (default 10)")
     fit.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     fit.add_argument("--allow-extrapolation", action="store_true", help="allow --seq-len above the model's position limit")
