@@ -1,0 +1,342 @@
+"""Does SpaCO train as well as SeCO? Held-out curves at equal steps and at equal wall time, several seeds.
+
+    .venv/bin/python docs/spaco_quality.py --output docs/spaco            # about an hour on 2 shared cores
+    .venv/bin/python docs/spaco_quality.py --output /tmp/q --seeds 0 --steps 40 --tasks recall   # a smoke run
+
+Every training run is a `chunkwise train` command (printed, and stored in results.json), run in its own
+process with one thread; `--workers` of them at a time. Methods (chunk 128 of 1024 tokens: k = 8 chunks):
+
+    full          ordinary backprop                    (--method full)
+    seco          exact chunk-wise gradient            (--method seco)
+    uniform       SpaCO, the paper's policy, t = 2     (--method spaco --budget 2)                    factor 4
+    uniform-cap2  the same, factor capped at 2.0       (... --max-compensation 2.0), as the paper trains
+    bernoulli     SpaCO, unbiased, t = 2 on average    (--method spaco --budget 2 --sampling bernoulli)
+
+Tasks:
+
+* `recall`: the demo's task (`data.RecallTask`, docs/demo.md) at 1024 tokens: a key→value pair in the
+  first 9 tokens, one labelled answer at the very end. Only the last chunk has a target, and the
+  answer can be learnt only through the KV gradient relayed to chunk 0. Held-out accuracy every 25 steps
+  (32 sequences, `chunkwise train`'s own evaluation) and at the end on 256 held-out sequences.
+* `dense`: the same sequences with every token a target (language-model style, as the paper trains):
+  written to JSONL and trained with `--data`/`--eval-data`, so the held-out curve is the LM loss the
+  paper reports; the recall accuracy of the final models is scored afterwards on the 256 sequences.
+
+Equal steps: every method runs `--steps`. Equal wall time: the machine is shared with other jobs, so
+wall time is not measured per run but derived from step-time *ratios* measured in one process with the
+methods' steps interleaved (round-robin, `TIMING_ROUNDS` rounds, same batches, one thread). Each method
+then gets `round(steps * t_seco / t_method)` steps: what it does in SeCO's time. Each run's own logged
+step times are reported beside the ratios as a check.
+
+A diagnosis (`gradient_diagnosis`): on one `recall` batch, at the initial model and at SeCO's final model
+(first seed), each policy's gradient estimate against the exact gradient, exactly (every selection
+enumerated): how likely it is zero, its bias, its RMS error, and how much of the exact gradient comes
+through the KV relay at all.
+
+Outputs: results.json (everything) and curves.png in `--output`; run directories and logs in `--work`.
+Interrupted, it picks up where it stopped (runs already in results.json are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SEQ_LEN, CHUNK, BATCH, BUDGET, CAP = 1024, 128, 8, 2, 2.0
+DEMO_OPTIONS = ["--lr", "1e-2", "--adam-beta2", "0.98", "--warmup-ratio", "0.05", "--batch-size", str(BATCH),
+                "--seq-len", str(SEQ_LEN), "--chunk-size", str(CHUNK)]
+METHODS = {
+    "full": ["--method", "full"],
+    "seco": ["--method", "seco"],
+    "uniform": ["--method", "spaco", "--budget", str(BUDGET)],
+    "uniform-cap2": ["--method", "spaco", "--budget", str(BUDGET), "--max-compensation", str(CAP)],
+    "bernoulli": ["--method", "spaco", "--budget", str(BUDGET), "--sampling", "bernoulli"],
+}
+EVAL_EVERY = 25
+FINAL_SEQUENCES, FINAL_SEED = 256, 12345  # the final held-out set: a stream no training run reads
+TIMING_ROUNDS, TIMING_WARMUP = int(os.environ.get("SPACO_TIMING_ROUNDS", 40)), 3
+
+
+# ----- step-time ratios, interleaved ------------------------------------------------------------------
+
+
+def measure_step_times() -> dict[str, float]:
+    """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin."""
+    from chunkwise import SeCO, SpaCO
+    from chunkwise.data import DEMO_TASK
+    from chunkwise.models import build_tiny_model
+    from chunkwise.train import full_backward
+
+    torch.set_num_threads(1)
+    model = build_tiny_model("demo-llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engines = {
+        "full": None,
+        "seco": SeCO(model, chunk_size=CHUNK),
+        "uniform": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, seed=0),
+        "uniform-cap2": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, max_compensation=CAP, seed=0),
+        "bernoulli": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="bernoulli", seed=0),
+    }
+    times = {name: [] for name in METHODS}
+    for round_ in range(TIMING_WARMUP + TIMING_ROUNDS):
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
+            targets = float((batch["labels"][:, 1:] != -100).sum())
+            if engine is None:
+                full_backward(model, batch, targets)
+            else:
+                engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=targets)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if round_ >= TIMING_WARMUP:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.fmean(values) for name, values in times.items()}
+
+
+# ----- the runs ---------------------------------------------------------------------------------------
+
+
+def dense_data(folder: Path, steps: int) -> tuple[Path, Path]:
+    """The recall sequences as text (every token a target when read as --data): training and held-out JSONL."""
+    from chunkwise.data import DEMO_TASK, held_out_seed
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocabulary = DEMO_TASK.vocabulary
+
+    def write(path: Path, seed: int, count: int) -> Path:
+        if not path.exists():
+            lines = [json.dumps({"text": " ".join(vocabulary[i] for i in DEMO_TASK.sequence(p, seq_len=SEQ_LEN, seed=seed).input_ids)})
+                     for p in range(count)]
+            path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write(folder / "train.jsonl", 0, steps * BATCH), write(folder / "held_out.jsonl", held_out_seed(0), 32)
+
+
+def run_command(task: str, method: str, seed: int, steps: int, output: Path, data: tuple[Path, Path] | None) -> list[str]:
+    command = ["chunkwise", "train", *METHODS[method], *DEMO_OPTIONS, "--steps", str(steps), "--seed", str(seed),
+               "--eval-every", str(EVAL_EVERY), "--checkpoint-every", "0", "--no-progress", "--output", str(output), "--overwrite"]
+    if task == "dense":
+        train_file, held_out = data
+        command += ["--model", "demo-llama", "--lora-r", "0", "--data", str(train_file), "--eval-data", str(held_out),
+                    "--packing", "truncate"]
+    return command
+
+
+def run_one(command: list[str], log_path: Path) -> float:
+    started = time.perf_counter()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    executable = [str(Path(sys.executable).parent / "chunkwise"), *command[1:]]
+    with open(log_path, "w") as log:
+        subprocess.run(executable, stdout=log, stderr=subprocess.STDOUT, env=environment, check=True)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def final_accuracy(run: Path) -> dict:
+    """Answer accuracy and loss of the run's final model on `FINAL_SEQUENCES` held-out recall sequences."""
+    from chunkwise.data import DEMO_TASK, held_out_batches
+    from chunkwise.evaluate import score_batches
+    from chunkwise.models import inspect_causal_lm
+    from chunkwise.run import load_trained_model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model, _, _ = load_trained_model(str(run))
+    batches = held_out_batches(DEMO_TASK, num_sequences=FINAL_SEQUENCES, batch_size=BATCH, seq_len=SEQ_LEN, seed=FINAL_SEED)
+    scores, _ = score_batches(inspect_causal_lm(model.eval()), batches, chunk_size=CHUNK, device=torch.device("cpu"))
+    return {"accuracy": scores.accuracy, "loss": scores.loss}
+
+
+def read_run(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    return {
+        "evaluations": [{k: r[k] for k in ("step", "loss", "accuracy", "seconds")} for r in records if r["kind"] == "eval"],
+        "train_loss": [r["loss"] for r in train],
+        "mean_step_seconds": statistics.fmean(r["seconds"] for r in train),
+        "zero_gradient_steps": sum(1 for r in train if r["grad_norm"] == 0.0),
+    }
+
+
+# ----- diagnosis: the SpaCO gradient against the exact one ---------------------------------------------
+
+
+def gradient_diagnosis(model_path: str | None) -> dict:
+    """Exact statistics of each policy's gradient estimate on one recall batch, by enumerating every
+    selection (as docs/spaco_bias.py does): P(the estimate is zero), relative bias ‖E ĝ − g‖/‖g‖, relative
+    RMS error √E‖ĝ − g‖² / ‖g‖; and the share of the exact gradient that arrives through the KV relay
+    (‖g − g_last‖/‖g‖, g_last: the last chunk backpropagated alone, factor 1). Float64."""
+    import itertools
+
+    from chunkwise import SeCO, SpaCO
+    from chunkwise.data import DEMO_TASK
+    from chunkwise.models import build_tiny_model
+    from chunkwise.run import load_trained_model
+    from spaco_bias import FixedSelection  # docs/spaco_bias.py: a sampler that always returns one selection
+
+    torch.set_num_threads(1)
+    model = (build_tiny_model("demo-llama") if model_path is None else load_trained_model(model_path)[0]).double()
+    batch = DEMO_TASK.batch(0, batch_size=BATCH, seq_len=SEQ_LEN, seed=FINAL_SEED + 1)
+    k = SEQ_LEN // CHUNK
+
+    def gradient(engine) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        engine.backward(batch["input_ids"], labels=batch["labels"])
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+    def selected(chunks, budget=BUDGET, cap=None) -> torch.Tensor:
+        return gradient(SpaCO(model, chunk_size=CHUNK, sampling=FixedSelection(chunks, budget=budget, max_compensation=cap)))
+
+    exact = gradient(SeCO(model, chunk_size=CHUNK))
+    last_alone = selected((k - 1,), budget=k - 1, cap=1.0)
+    pairs = list(itertools.combinations(range(k), BUDGET))
+    q = BUDGET / k
+    policies = {
+        "uniform": [(1 / len(pairs), s, None) for s in pairs],
+        "uniform-cap2": [(1 / len(pairs), s, CAP) for s in pairs],
+        "bernoulli": [(q ** n * (1 - q) ** (k - n), s, None) for n in range(k + 1) for s in itertools.combinations(range(k), n)],
+    }
+    result = {"relay_share": float((exact - last_alone).norm() / exact.norm())}
+    for name, selections in policies.items():
+        mean, square_error, zero = torch.zeros_like(exact), 0.0, 0.0
+        for probability, chunks, cap in selections:
+            estimate = selected(chunks, cap=cap)
+            mean += probability * estimate
+            square_error += probability * float((estimate - exact).norm() ** 2)
+            zero += probability * float(estimate.norm() == 0)
+        result[name] = {
+            "zero_probability": zero,
+            "relative_bias": float((mean - exact).norm() / exact.norm()),
+            "relative_rms_error": math.sqrt(square_error) / float(exact.norm()),
+            "cosine_mean_exact": float(torch.nn.functional.cosine_similarity(mean, exact, dim=0)),
+        }
+    return result
+
+
+# ----- plot ---------------------------------------------------------------------------------------------
+
+
+def runs_for(results: dict, task: str, budget: str, method: str) -> list[dict]:
+    """The runs of one curve; SeCO's equal-time runs are its equal-step runs (the time reference)."""
+    budget = "steps" if method == "seco" else budget
+    return [r for r in results["runs"] if (r["task"], r["budget"], r["method"]) == (task, budget, method)]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, budget) for task in ("recall", "dense") for budget in ("steps", "time") if any(
+        r["task"] == task and r["budget"] == budget for r in results["runs"])]
+    figure, axes = plt.subplots(len(panels), 2, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    ratios = results["step_time_ratio"]
+    for row, (task, budget) in enumerate(panels):
+        for column, metric in enumerate(("accuracy", "loss")):
+            axis = axes[row][column]
+            for colour, method in zip(("black", "tab:blue", "tab:orange", "tab:red", "tab:green"), METHODS):
+                runs = runs_for(results, task, budget, method)
+                if not runs:
+                    continue
+                steps = [e["step"] for e in runs[0]["evaluations"]]
+                values = torch.tensor([[e[metric] for e in r["evaluations"]] for r in runs], dtype=torch.float64)
+                x = [s * (ratios[method] if budget == "time" else 1.0) for s in steps]
+                mean, low, high = values.mean(0), values.min(0).values, values.max(0).values
+                axis.plot(x, mean, color=colour, label=f"{method} (mean of {len(runs)})")
+                axis.fill_between(x, low, high, color=colour, alpha=0.12)
+            axis.set_title(f"{task}, equal {'steps' if budget == 'steps' else 'wall time'}: held-out {metric}")
+            axis.set_xlabel("optimizer step" if budget == "steps" else "time in SeCO steps (step-time ratio × step)")
+            axis.grid(alpha=0.3)
+            if metric == "accuracy" and task == "dense":
+                axis.set_title(f"{task}, equal {budget}: held-out next-token accuracy (all tokens)")
+        axes[row][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----- main ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="docs/spaco", help="results.json and curves.png")
+    parser.add_argument("--work", default="runs/spaco-quality", help="run directories, logs and the dense task's data")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--tasks", default="recall,dense", help="recall and/or dense")
+    parser.add_argument("--dense-time", action="store_true", help="also run the dense task at equal wall time")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    output, work = Path(args.output), Path(args.work)
+    output.mkdir(parents=True, exist_ok=True)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    results_path = output / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = args.tasks.split(",")
+
+    if "step_seconds" not in results:
+        print("measuring step times (interleaved)...", flush=True)
+        results["step_seconds"] = measure_step_times()
+        results["timing"] = f"mean of {TIMING_ROUNDS} interleaved rounds after {TIMING_WARMUP} warm-up rounds, one thread"
+    results["step_time_ratio"] = {m: t / results["step_seconds"]["seco"] for m, t in results["step_seconds"].items()}
+    print("step time / SeCO's:", {m: round(r, 3) for m, r in results["step_time_ratio"].items()}, flush=True)
+
+    plan = []
+    dense = dense_data(work / "dense-data", args.steps) if "dense" in tasks else None
+    for task in tasks:
+        budgets = ["steps", "time"] if task == "recall" or args.dense_time else ["steps"]
+        for budget in budgets:
+            for seed in seeds:
+                for method in METHODS:
+                    if budget == "time" and method == "seco":
+                        continue  # SeCO's equal-time run is its equal-step run
+                    steps = args.steps if budget == "steps" else round(args.steps / results["step_time_ratio"][method])
+                    name = f"{task}-{method}-{budget}-seed{seed}"
+                    plan.append((name, task, budget, method, seed, steps))
+    done = {r["name"]: r for r in results.get("runs", [])}
+    todo = [p for p in plan if p[0] not in done]
+    print(f"{len(plan)} runs planned, {len(todo)} to do", flush=True)
+
+    def execute(item):
+        name, task, budget, method, seed, steps = item
+        run = work / "runs" / name
+        command = run_command(task, method, seed, steps, run, dense)
+        wall = run_one(command, work / "runs" / f"{name}.log")
+        record = {"name": name, "task": task, "budget": budget, "method": method, "seed": seed, "steps": steps,
+                  "command": " ".join(command), "wall_seconds": wall, **read_run(run), "final": final_accuracy(run)}
+        print(f"{name}: {steps} steps in {wall:.0f} s; final accuracy {record['final']['accuracy']:.1%}", flush=True)
+        return record
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for record in pool.map(execute, todo):
+            done[record["name"]] = record
+            results["runs"] = [done[p[0]] for p in plan if p[0] in done]
+            results_path.write_text(json.dumps(results, indent=1))
+    results["runs"] = [done[p[0]] for p in plan]
+
+    if "recall" in tasks and "diagnosis" not in results:
+        seco_final = work / "runs" / f"recall-seco-steps-seed{seeds[0]}"
+        results["diagnosis"] = {"initial model": gradient_diagnosis(None), f"SeCO's final model (seed {seeds[0]})": gradient_diagnosis(str(seco_final))}
+        results["diagnosis_settings"] = f"exact over every selection; one batch of {BATCH} x {SEQ_LEN} tokens, k = {SEQ_LEN // CHUNK}, float64"
+    results_path.write_text(json.dumps(results, indent=1))
+    plot(results, output / "curves.png")
+    print(f"wrote {results_path} and {output / 'curves.png'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
