@@ -253,6 +253,8 @@ def evaluate(given: dict, *, as_json: bool) -> int:
     task, depths, num_probes, output = (given.pop(name) for name in ("task", "depths", "num_probes", "output"))
     if task != "lm":
         return probe(given, task=task, depths=depths, num_probes=num_probes, output=output, as_json=as_json)
+    if depths is not None or num_probes is not None or output is not None:
+        raise UsageError("--depths, --num-probes and --output apply to --task passkey or needle")
     lengths = given.pop("seq_len")
     if lengths is not None and len(lengths) > 1:
         raise UsageError("--seq-len takes one length unless --task is passkey or needle")
@@ -272,7 +274,7 @@ def evaluate(given: dict, *, as_json: bool) -> int:
     return 0
 
 
-def probe(given: dict, *, task: str, depths: str | None, num_probes: int, output: str, as_json: bool) -> int:
+def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None, output: str | None, as_json: bool) -> int:
     """`chunkwise eval --task passkey|needle`: accuracy per length × depth, a table, a heat map and JSON."""
     import json
 
@@ -288,12 +290,12 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int, output
         raise UsageError(f"{', '.join(unused)} do not apply to --task {task}: probes are built from the model's tokenizer")
     config = ProbeConfig(
         model=given["model"], task=task, lengths=given["seq_len"] or (4096,),
-        depths=_parse_list(depths, "--depths", float) if depths else DEFAULT_DEPTHS, num_probes=num_probes,
+        depths=_parse_list(depths, "--depths", float) if depths else DEFAULT_DEPTHS, num_probes=5 if num_probes is None else num_probes,
         chunk_size=given["chunk_size"], dtype=given["dtype"], device=given["device"], seed=given["seed"],
-        output=output, allow_extrapolation=given["allow_extrapolation"],
+        allow_extrapolation=given["allow_extrapolation"],
     )
     report = run_probes(config, log=lambda line: print(line, file=sys.stderr))
-    paths = write_report(report, Path(output))
+    paths = write_report(report, Path(output or "probe-results"))
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
         return 0
@@ -450,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lm (default): loss and perplexity of documents; passkey / needle: long-context retrieval probes "
                        "built with the model's tokenizer, prefilled chunk by chunk, answered greedily")
     score.add_argument("--depths", default=None, help="passkey/needle: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    score.add_argument("--num-probes", type=int, default=5, help="passkey/needle: probes per length and depth (default 5)")
-    score.add_argument("--output", default="probe-results", help="passkey/needle: folder for <task>.png (heat map) and <task>.json")
+    score.add_argument("--num-probes", type=int, default=None, help="passkey/needle: probes per length and depth (default 5)")
+    score.add_argument("--output", default=None, help="passkey/needle: folder for <task>.png (heat map) and <task>.json (default probe-results)")
     return parser
 
 

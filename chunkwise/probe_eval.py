@@ -43,8 +43,6 @@ class ProbeConfig:
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 0
-    output: str | None = "probe-results"
-    """Folder for `<task>.png` (heat map) and `<task>.json`; None: write nothing."""
     allow_extrapolation: bool = False
 
     def check(self) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 PROBE_TASKS = ("passkey", "needle")
@@ -70,16 +71,18 @@ class ProbeText:
 # ----- the languages probes are written in -----------------------------------------------------------
 
 
-class ProbeLanguage:
-    """Writes probe texts in one tokenizer's language. `rng` draws answers and haystack sentences."""
+class ProbeLanguage(ABC):
+    """Writes probe texts in one tokenizer's language."""
 
     name = ""
 
-    def fits(self, tokenizer) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def fits(self, tokenizer) -> bool:
+        """Whether `tokenizer` spells this language (a language may read the words it will use from it)."""
 
-    def text(self, task: str, rng: random.Random, sentences: int) -> ProbeText:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def text(self, task: str, rng: random.Random, sentences: int) -> ProbeText:
+        """A `task` probe with `sentences` haystack sentences; `rng` draws the answer and the sentences."""
 
 
 def _spells(tokenizer, text: str) -> bool:

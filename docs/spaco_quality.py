@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="recall,dense", help="recall and/or dense")
     parser.add_argument("--dense-time", action="store_true", help="also run the dense task at equal wall time")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
     args = parser.parse_args()
     output, work = Path(args.output), Path(args.work)
     output.mkdir(parents=True, exist_ok=True)
@@ -302,7 +303,7 @@ def main() -> None:
         budgets = ["steps", "time"] if task == "recall" or args.dense_time else ["steps"]
         for budget in budgets:
             for seed in seeds:
-                for method in METHODS:
+                for method in args.methods.split(","):
                     if budget == "time" and method == "seco":
                         continue  # SeCO's equal-time run is its equal-step run
                     steps = args.steps if budget == "steps" else round(args.steps / results["step_time_ratio"][method])
@@ -318,8 +319,8 @@ def main() -> None:
         command = run_command(task, method, seed, steps, run, dense)
         wall = run_one(command, work / "runs" / f"{name}.log")
         record = {"name": name, "task": task, "budget": budget, "method": method, "seed": seed, "steps": steps,
-                  "command": " ".join(command), "wall_seconds": wall, **read_run(run), "final": final_accuracy(run)}
-        print(f"{name}: {steps} steps in {wall:.0f} s; final accuracy {record['final']['accuracy']:.1%}", flush=True)
+                  "command": " ".join(command), "wall_seconds": wall, **read_run(run)}
+        print(f"{name}: {steps} steps in {wall:.0f} s; last held-out accuracy {record['evaluations'][-1]['accuracy']:.1%}", flush=True)
         return record
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
@@ -328,6 +329,10 @@ def main() -> None:
             results["runs"] = [done[p[0]] for p in plan if p[0] in done]
             results_path.write_text(json.dumps(results, indent=1))
     results["runs"] = [done[p[0]] for p in plan]
+    # Scored here, one after another: loading models in several threads at once can leave a tied LM head
+    # untied and random (transformers' loading is not thread-safe).
+    for record in results["runs"]:
+        record["final"] = final_accuracy(work / "runs" / record["name"])
 
     if "recall" in tasks and "diagnosis" not in results:
         seco_final = work / "runs" / f"recall-seco-steps-seed{seeds[0]}"

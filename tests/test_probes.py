@@ -167,11 +167,14 @@ def test_eval_task_on_a_run_directory_uses_the_demo_vocabulary(tmp_path, capsys)
         (["--task", "passkey", "--seq-len", "20"], "needs at least"),
         (["--task", "passkey", "--depths", "0,1.5"], "--depths must be fractions between 0 and 1"),
         (["--seq-len", "128,256"], "--seq-len takes one length unless --task is passkey or needle"),
+        (["--depths", "0,1"], "--depths, --num-probes and --output apply to --task passkey or needle"),
         (["--task", "needle", "--data", "x.txt"], "--data do not apply to --task needle"),
     ],
 )
 def test_bad_probe_options_get_one_line(tmp_path, capsys, bpe_model_dir, arguments, expected):
     arguments = arguments if "--model" in arguments else ["--model", str(bpe_model_dir), *arguments]
-    assert main(["eval", *arguments, "--output", str(tmp_path / "p")]) == 2
+    if "--task" in arguments:
+        arguments += ["--output", str(tmp_path / "p")]
+    assert main(["eval", *arguments]) == 2
     error = capsys.readouterr().err.strip()
     assert expected in error and len(error.splitlines()) == 1, error
