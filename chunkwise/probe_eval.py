@@ -4,7 +4,7 @@
 
 For each length and depth, `num_probes` probes (`probes.py`) are read chunk by chunk through the KV cache
 (`generate.greedy_generate`) and continued greedily; a probe counts as answered when the continuation
-holds the answer. The report is accuracy per length × depth, with the peak memory of each length above
+starts with the answer. The report is accuracy per length × depth, with the peak memory of each length above
 the loaded model and the KV cache's share of it (so "flat" can be checked: what is not KV cache does not
 grow with the length), written as a table, a heat-map PNG and JSON.
 """
@@ -23,7 +23,6 @@ from .models import inspect_causal_lm
 from .probes import PROBE_TASKS, ProbeCell, build_probe, probe_language
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SHOWN_OUTPUTS = 3  # continuations kept per cell in the report
 
 
 @dataclass
@@ -154,8 +153,7 @@ def run_probes(config: ProbeConfig, *, log=print) -> ProbeReport:
                 cell.correct += probe.is_answered_by(output)
                 cell.total += 1
                 cell.prompt_tokens.append(len(probe.input_ids))
-                if len(cell.outputs) < SHOWN_OUTPUTS:
-                    cell.outputs.append(output)
+                cell.outputs.append(output)
             cells.append(cell)
             log(f"{config.task} @ {length:,} tokens, depth {depth:.0%}: {cell.correct}/{cell.total}")
         costs.append(LengthCost(length, max(0, meter.peak() - baseline), kv_bytes, time.perf_counter() - started, meter.method))

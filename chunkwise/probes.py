@@ -2,7 +2,7 @@
 
 A probe is a prompt of about `length` tokens that hides one fact (the needle) at a chosen depth of
 irrelevant text (the haystack) and asks for it at the end; the model answers if its greedy
-continuation contains the answer as a whole word.
+continuation starts with the answer (after spaces or punctuation), as a whole word.
 
 * `passkey` (Mohtashami & Jaggi, 2023): a five-digit pass key, stated twice in one sentence, inside a
   repeated filler ("The grass is green. The sky is blue. ...").
@@ -39,7 +39,7 @@ class Probe:
     Attributes:
         task, length, depth: what was asked for (`length` bounds prompt + answer tokens).
         input_ids: the prompt's token ids (its length is `len(input_ids)`; at most `length - max_new_tokens`).
-        answer: the text the continuation must contain as a whole word.
+        answer: the text the continuation must start with, as a whole word.
         max_new_tokens: tokens to generate: the answer's length in tokens plus a little slack.
         needle_token: index of the first prompt token at or after the needle's start.
     """
@@ -53,8 +53,9 @@ class Probe:
     needle_token: int
 
     def is_answered_by(self, text: str) -> bool:
-        """Whether `text` (the decoded continuation) holds the answer as a whole word ("v1" is not in "v17")."""
-        return re.search(rf"(?<!\w){re.escape(self.answer)}(?!\w)", text) is not None
+        """Whether `text` (the decoded continuation) starts with the answer as a whole word, after any spaces
+        or punctuation (" 12345." and ": v9" answer; "v17" does not answer "v1", nor "v3 v9" "v9")."""
+        return re.match(rf"\W*{re.escape(self.answer)}(?!\w)", text) is not None
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class ProbeCell:
     total: int = 0
     prompt_tokens: list[int] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    """The decoded continuations (the first few, to see what the model said)."""
+    """The decoded continuations, to see what the model said."""
 
     @property
     def accuracy(self) -> float:

@@ -268,6 +268,45 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# ----- summary tables -------------------------------------------------------------------------------------
+
+
+def summary_markdown(results: dict) -> str:
+    """Markdown tables: final scores per method, budget and seed; step times; the gradient diagnosis."""
+    lines = []
+    for task in ("recall", "dense"):
+        for budget in ("steps", "time"):
+            rows = [(m, runs_for(results, task, budget, m)) for m in METHODS]
+            rows = [(m, runs) for m, runs in rows if runs and any(r["budget"] == budget for r in results["runs"] if r["task"] == task)]
+            if not rows:
+                continue
+            lines += [f"\n**{task}, equal {'steps' if budget == 'steps' else 'wall time'}** (final model, {FINAL_SEQUENCES} held-out "
+                      "recall sequences; last in-training held-out loss; steps with a zero gradient)\n",
+                      "| method | steps | accuracy per seed | mean accuracy | held-out loss per seed | zero-gradient steps |",
+                      "|---|---:|---|---:|---|---:|"]
+            for method, runs in rows:
+                accuracies = [r["final"]["accuracy"] for r in runs]
+                per_seed = " / ".join(f"{a:.1%}" for a in accuracies)
+                losses = " / ".join(f"{r['evaluations'][-1]['loss']:.3f}" for r in runs)
+                zeros = " / ".join(str(r["zero_gradient_steps"]) for r in runs)
+                lines.append(f"| {method} | {runs[0]['steps']} | {per_seed} | {statistics.fmean(accuracies):.1%} | {losses} | {zeros} |")
+    lines += ["\n**Step time** (interleaved measurement; and each run's own mean step time, median over its seeds)\n",
+              "| method | interleaved s/step | ratio to SeCO | runs' own s/step (equal-step runs) |", "|---|---:|---:|---:|"]
+    for method in METHODS:
+        own = [r["mean_step_seconds"] for r in results["runs"] if r["method"] == method and r["budget"] == "steps" and r["task"] == "recall"]
+        lines.append(f"| {method} | {results['step_seconds'][method]:.3f} | {results['step_time_ratio'][method]:.3f} | "
+                     f"{statistics.median(own):.3f} |" if own else f"| {method} | {results['step_seconds'][method]:.3f} | "
+                     f"{results['step_time_ratio'][method]:.3f} | |")
+    for model, diagnosis in results.get("diagnosis", {}).items():
+        lines += [f"\n**Gradient estimate at the {model}** (relay share {diagnosis['relay_share']:.2f})\n",
+                  "| policy | P(estimate = 0) | relative bias | relative RMS error | cosine(E ĝ, g) |", "|---|---:|---:|---:|---:|"]
+        for policy in ("uniform", "uniform-cap2", "bernoulli"):
+            d = diagnosis[policy]
+            lines.append(f"| {policy} | {d['zero_probability']:.3f} | {d['relative_bias']:.3f} | {d['relative_rms_error']:.2f} | "
+                         f"{d['cosine_mean_exact']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----- main ---------------------------------------------------------------------------------------------
 
 
@@ -340,7 +379,9 @@ def main() -> None:
         results["diagnosis_settings"] = f"exact over every selection; one batch of {BATCH} x {SEQ_LEN} tokens, k = {SEQ_LEN // CHUNK}, float64"
     results_path.write_text(json.dumps(results, indent=1))
     plot(results, output / "curves.png")
-    print(f"wrote {results_path} and {output / 'curves.png'}", flush=True)
+    (output / "summary.md").write_text(summary_markdown(results))
+    print(summary_markdown(results))
+    print(f"wrote {results_path}, {output / 'summary.md'} and {output / 'curves.png'}", flush=True)
 
 
 if __name__ == "__main__":
