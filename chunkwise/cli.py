@@ -316,7 +316,7 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
     table.add_row("  the rest", *(format_bytes(costs[length].other_bytes) for length in report.lengths))
     table.add_row("seconds", *(f"{costs[length].seconds:.1f}" for length in report.lengths))
     console.print(table)
-    print(f"peak memory above the loaded model ({report.costs[0].memory_method}); wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"peak memory: above what was in use before each length's probes ({report.costs[0].memory_method}); wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

@@ -62,7 +62,8 @@ class LengthCost:
 
     length: int
     peak_memory_bytes: int
-    """Peak above the loaded model (CPU: resident set; CUDA: allocated), over this length's probes."""
+    """Peak over this length's probes above the memory in use just before them (the loaded model, the
+    probes' token ids; CPU: resident set, CUDA: allocated)."""
     kv_cache_bytes: int
     """The KV cache one probe of this length fills."""
     seconds: float
@@ -135,15 +136,16 @@ def run_probes(config: ProbeConfig, *, log=print) -> ProbeReport:
             generation = greedy_generate(handle, tokens, chunk_size=config.chunk_size, max_new_tokens=max_new_tokens)
         return tokenizer.decode(generation.tokens[0].tolist(), skip_special_tokens=True), generation.kv_cache_bytes
 
-    # Prime once (lazy initialisation, thread pools) so that the baseline holds them, as `chunkwise bench` does.
+    # Prime once (lazy initialisation, thread pools) so that the baselines hold them, as `chunkwise bench` does.
     first = build_probe(tokenizer, language, task=config.task, length=min(config.lengths), depth=0.0, seed=-1)
     answer(first.input_ids[: 2 * min(config.chunk_size, 32)], 2)
-    baseline = meter.current()
     cells, costs = [], []
     for length in sorted(config.lengths):  # ascending: heap memory a shorter length leaves behind is reused, not counted twice
-        # Probes are built before the peak is reset: tokenizing the haystack is not the model's memory.
+        # Probes are built before the baseline is read: what tokenizing the haystack leaves on the heap is
+        # not the model's memory.
         probes = {depth: [build_probe(tokenizer, language, task=config.task, length=length, depth=depth, seed=config.seed * 1_000 + index)
                           for index in range(config.num_probes)] for depth in config.depths}
+        baseline = meter.current()
         meter.reset_peak()
         started, kv_bytes = time.perf_counter(), 0
         for depth, probes_at_depth in probes.items():
