@@ -50,6 +50,9 @@ def write_held_out(kind: str, folder: Path) -> tuple[str, dict]:
         return str(folder / "held.jsonl"), {"prompt_field": "q", "response_field": "a"}
     datasets = pytest.importorskip("datasets")
     table = datasets.Dataset.from_dict({"text": texts})
+    if kind == "json":
+        table.to_json(str(folder / "held.json"))
+        return str(folder / "held.json"), {}
     if kind == "csv":
         table.to_csv(str(folder / "held.csv"), index=False)
         return str(folder / "held.csv"), {}
@@ -59,6 +62,8 @@ def write_held_out(kind: str, folder: Path) -> tuple[str, dict]:
     if kind == "saved-dataset-split":
         datasets.DatasetDict({"train": table, "validation": table.select([0])}).save_to_disk(str(folder / "saved"))
         return str(folder / "saved"), {"eval_split": "validation"}
+    if kind == "hub-dataset":  # a hub name goes to `datasets.load_dataset` (faked by the test: nothing is downloaded)
+        return "someone/held-out", {"eval_split": "validation"}
     raise AssertionError(kind)
 
 
@@ -79,9 +84,21 @@ def train_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["txt", "txt-folder", "jsonl", "jsonl-instruction", "csv", "parquet", "saved-dataset-split"])
-def test_every_data_format_is_scored_chunk_by_chunk(tmp_path, model_dir, train_file, kind):  # noqa: F811
+@pytest.mark.parametrize("kind", ["txt", "txt-folder", "jsonl", "jsonl-instruction", "json", "csv", "parquet", "saved-dataset-split",
+                                  "hub-dataset"])
+def test_every_data_format_is_scored_chunk_by_chunk(tmp_path, model_dir, train_file, kind, monkeypatch):  # noqa: F811
     path, fields = write_held_out(kind, tmp_path / "held")
+    if kind == "hub-dataset":
+        import datasets
+
+        loads = []
+
+        def fake_hub(name, **kwargs):
+            loads.append((name, kwargs))
+            return datasets.Dataset.from_dict({"text": [random_text(random.Random(7), 60)]})
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     instruction = {k: v for k, v in fields.items() if k in ("prompt_field", "response_field")}
     data = train_file
     if instruction:  # instruction fields apply to both sets, so the training data is instruction data too
@@ -94,6 +111,8 @@ def test_every_data_format_is_scored_chunk_by_chunk(tmp_path, model_dir, train_f
     assert all(math.isfinite(r["loss"]) and r["perplexity"] == pytest.approx(math.exp(r["loss"])) for r in result.evaluations)
     assert after["tokens"] > 0 and after["seconds"] > 0 and after["targets"] > 0 and "chance" not in after
     assert scores_only(eval_records(tmp_path / "run")) == scores_only(result.evaluations)
+    if kind == "hub-dataset":
+        assert loads == [("someone/held-out", {"split": "validation"})]
 
 
 def test_held_out_loss_is_the_chunked_score_of_the_rows(tmp_path, model_dir, train_file):  # noqa: F811
