@@ -1,6 +1,12 @@
 """Does SpaCO train as well as SeCO? Held-out curves at equal steps and at equal wall time, several seeds.
 
-    .venv/bin/python docs/spaco_quality.py --output docs/spaco            # about an hour on 2 shared cores
+    # docs/spaco.md's runs (27 runs, 4.8 h of one-thread run time; about 2.5 h with --workers 2):
+    .venv/bin/python docs/spaco_quality.py --output docs/spaco --tasks recall
+    # the dense variant (12 runs, 1.2 h) and the learning-rate check (3 runs each, about 25 min each):
+    .venv/bin/python docs/spaco_quality.py --output docs/spaco/dense --tasks dense --steps 200 \
+        --methods seco,uniform,uniform-cap2,bernoulli --step-times docs/spaco/results.json
+    .venv/bin/python docs/spaco_quality.py --output docs/spaco/lr-2e-2 --tasks recall --methods uniform-cap2 \
+        --steps-only --lr 2e-2 --step-times docs/spaco/results.json                           # and --lr 5e-3
     .venv/bin/python docs/spaco_quality.py --output /tmp/q --seeds 0 --steps 40 --tasks recall   # a smoke run
 
 Every training run is a `chunkwise train` command (printed, and stored in results.json), run in its own
@@ -31,7 +37,8 @@ step times are reported beside the ratios as a check.
 A diagnosis (`gradient_diagnosis`): on one `recall` batch, at the initial model and at SeCO's final model
 (first seed), each policy's gradient estimate against the exact gradient, exactly (every selection
 enumerated): how likely it is zero, its bias, its RMS error, and how much of the exact gradient comes
-through the KV relay at all.
+through the KV relay at all (kept in diagnosis.json; exact over every selection, one batch of 8 x 1024
+tokens, k = 8, float64).
 
 Outputs: results.json (everything) and curves.png in `--output`; run directories and logs in `--work`.
 Interrupted, it picks up where it stopped (runs already in results.json are kept).
@@ -124,8 +131,10 @@ def dense_data(folder: Path, steps: int) -> tuple[Path, Path]:
     return write(folder / "train.jsonl", 0, steps * BATCH), write(folder / "held_out.jsonl", held_out_seed(0), 32)
 
 
-def run_command(task: str, method: str, seed: int, steps: int, output: Path, data: tuple[Path, Path] | None) -> list[str]:
-    command = ["chunkwise", "train", *METHODS[method], *DEMO_OPTIONS, "--steps", str(steps), "--seed", str(seed),
+def run_command(task: str, method: str, seed: int, steps: int, output: Path, data: tuple[Path, Path] | None,
+                lr: str | None = None) -> list[str]:
+    options = DEMO_OPTIONS if lr is None else [lr if previous == "--lr" else value for previous, value in zip(["", *DEMO_OPTIONS], DEMO_OPTIONS)]
+    command = ["chunkwise", "train", *METHODS[method], *options, "--steps", str(steps), "--seed", str(seed),
                "--eval-every", str(EVAL_EVERY), "--checkpoint-every", "0", "--no-progress", "--output", str(output), "--overwrite"]
     if task == "dense":
         train_file, held_out = data
@@ -153,6 +162,7 @@ def final_accuracy(run: Path) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)  # a thread team waits on the slowest thread: on a busy machine one thread is faster
     model, _, _ = load_trained_model(str(run))
     batches = held_out_batches(DEMO_TASK, num_sequences=FINAL_SEQUENCES, batch_size=BATCH, seq_len=SEQ_LEN, seed=FINAL_SEED)
     scores, _ = score_batches(inspect_causal_lm(model.eval()), batches, chunk_size=CHUNK, device=torch.device("cpu"))
@@ -225,6 +235,15 @@ def gradient_diagnosis(model_path: str | None) -> dict:
     return result
 
 
+def diagnose(path: Path, work: Path, seed: int) -> dict:
+    """`gradient_diagnosis` at the initial model and at SeCO's final model of `seed`, kept in `path`."""
+    if not path.exists():
+        seco_final = work / "runs" / f"recall-seco-steps-seed{seed}"
+        diagnosis = {"initial model": gradient_diagnosis(None), f"SeCO's final model (seed {seed})": gradient_diagnosis(str(seco_final))}
+        path.write_text(json.dumps(diagnosis, indent=1))
+    return json.loads(path.read_text())
+
+
 # ----- plot ---------------------------------------------------------------------------------------------
 
 
@@ -293,7 +312,7 @@ def summary_markdown(results: dict) -> str:
     lines += ["\n**Step time** (interleaved measurement; and each run's own mean step time, median over its seeds)\n",
               "| method | interleaved s/step | ratio to SeCO | runs' own s/step (equal-step runs) |", "|---|---:|---:|---:|"]
     for method in METHODS:
-        own = [r["mean_step_seconds"] for r in results["runs"] if r["method"] == method and r["budget"] == "steps" and r["task"] == "recall"]
+        own = [r["mean_step_seconds"] for r in results["runs"] if r["method"] == method and r["budget"] == "steps"]
         lines.append(f"| {method} | {results['step_seconds'][method]:.3f} | {results['step_time_ratio'][method]:.3f} | "
                      f"{statistics.median(own):.3f} |" if own else f"| {method} | {results['step_seconds'][method]:.3f} | "
                      f"{results['step_time_ratio'][method]:.3f} | |")
@@ -318,8 +337,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--tasks", default="recall,dense", help="recall and/or dense")
     parser.add_argument("--dense-time", action="store_true", help="also run the dense task at equal wall time")
+    parser.add_argument("--steps-only", action="store_true", help="equal steps only (no equal-time runs)")
+    parser.add_argument("--diagnosis-only", action="store_true", help="only the gradient diagnosis (needs SeCO's first-seed run)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
+    parser.add_argument("--step-times", help="take the interleaved step times from this results.json instead of measuring them")
+    parser.add_argument("--lr", default=None, help="another peak learning rate than the demo's 1e-2 (run names get -lr<value>)")
     args = parser.parse_args()
     output, work = Path(args.output), Path(args.work)
     output.mkdir(parents=True, exist_ok=True)
@@ -328,7 +351,13 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = args.tasks.split(",")
+    if args.diagnosis_only:
+        print(json.dumps(diagnose(output / "diagnosis.json", work, seeds[0]), indent=1))
+        return
 
+    if "step_seconds" not in results and args.step_times:
+        measured = json.loads(Path(args.step_times).read_text())
+        results.update(step_seconds=measured["step_seconds"], timing=f"{measured['timing']} (from {args.step_times})")
     if "step_seconds" not in results:
         print("measuring step times (interleaved)...", flush=True)
         results["step_seconds"] = measure_step_times()
@@ -339,14 +368,14 @@ def main() -> None:
     plan = []
     dense = dense_data(work / "dense-data", args.steps) if "dense" in tasks else None
     for task in tasks:
-        budgets = ["steps", "time"] if task == "recall" or args.dense_time else ["steps"]
+        budgets = ["steps", "time"] if (task == "recall" or args.dense_time) and not args.steps_only else ["steps"]
         for budget in budgets:
             for seed in seeds:
                 for method in args.methods.split(","):
                     if budget == "time" and method == "seco":
                         continue  # SeCO's equal-time run is its equal-step run
                     steps = args.steps if budget == "steps" else round(args.steps / results["step_time_ratio"][method])
-                    name = f"{task}-{method}-{budget}-seed{seed}"
+                    name = f"{task}-{method}-{budget}-seed{seed}" + (f"-lr{args.lr}" if args.lr else "")
                     plan.append((name, task, budget, method, seed, steps))
     done = {r["name"]: r for r in results.get("runs", [])}
     todo = [p for p in plan if p[0] not in done]
@@ -355,7 +384,7 @@ def main() -> None:
     def execute(item):
         name, task, budget, method, seed, steps = item
         run = work / "runs" / name
-        command = run_command(task, method, seed, steps, run, dense)
+        command = run_command(task, method, seed, steps, run, dense, args.lr)
         wall = run_one(command, work / "runs" / f"{name}.log")
         record = {"name": name, "task": task, "budget": budget, "method": method, "seed": seed, "steps": steps,
                   "command": " ".join(command), "wall_seconds": wall, **read_run(run)}
@@ -373,10 +402,8 @@ def main() -> None:
     for record in results["runs"]:
         record["final"] = final_accuracy(work / "runs" / record["name"])
 
-    if "recall" in tasks and "diagnosis" not in results:
-        seco_final = work / "runs" / f"recall-seco-steps-seed{seeds[0]}"
-        results["diagnosis"] = {"initial model": gradient_diagnosis(None), f"SeCO's final model (seed {seeds[0]})": gradient_diagnosis(str(seco_final))}
-        results["diagnosis_settings"] = f"exact over every selection; one batch of {BATCH} x {SEQ_LEN} tokens, k = {SEQ_LEN // CHUNK}, float64"
+    if "recall" in tasks and not results.get("diagnosis"):
+        results["diagnosis"] = diagnose(output / "diagnosis.json", work, seeds[0])
     results_path.write_text(json.dumps(results, indent=1))
     plot(results, output / "curves.png")
     (output / "summary.md").write_text(summary_markdown(results))
