@@ -198,6 +198,9 @@ class DeepSpeedZeRO(DataParallel):
             return None  # ZeRO-1/2 keep the whole parameters on every rank
         import deepspeed
 
+        # Forwards without a backward (held-out evaluation) leave parameters gathered or in flight, which
+        # GatheredParameters would refuse to partition again on leaving: release them all first.
+        self.engine_model.empty_partition_cache()
         with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
             return _tie_shared(self.model, {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()})
 
