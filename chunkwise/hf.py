@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .attention import ATTENTION_CHOICES
 from .batch import default_labels
@@ -300,7 +300,7 @@ class ChunkwiseTrainerMixin:
         elif not isinstance(chunkwise, ChunkwiseConfig):
             raise TypeError(f"chunkwise must be a ChunkwiseConfig, got {type(chunkwise).__name__}")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None:
+        if isinstance(training_args, TrainingArguments):  # (positional index 1 is another argument in TRL's trainers)
             # Before Trainer.__init__, which would set up the refused feature (or fail on it less clearly).
             check_training_arguments(training_args)
         super().__init__(*args, **kwargs)

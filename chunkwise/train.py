@@ -34,11 +34,15 @@ from . import __version__
 from .attention import ATTENTION_CHOICES
 from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
 from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
+from .batch import chunk_batch
 from .engine import SeCO, SpaCO
 from .loss import chunk_loss_sum, count_targets, shift_labels
 from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_tokenizer, resolve_device, training_dtypes
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
+from .objectives import OBJECTIVES, Objective, PairedLoss, Policy
+from .preferences import PreferencePair, collate_pairs, read_preference_pairs
+from .reference import ADAPTER_DISABLED, resolve_reference
 from .sampling import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,14 @@ class TrainConfig:
     """Run directory: metrics.jsonl, loss.png, checkpoints/, model/."""
     method: str = "seco"
     """"seco" (exact gradient), "spaco" (sampled chunks) or "full" (ordinary backprop, for comparison)."""
+    objective: str = "cross-entropy"
+    """"cross-entropy" (language modelling / instruction tuning), or a preference objective on prompt /
+    chosen / rejected data: "dpo", "ipo" (both against a reference model) or "simpo" (reference-free)."""
+    beta: float | None = None
+    """Preference objectives: β (default 0.1 for dpo and ipo, 2.0 for simpo)."""
+    ref_model: str | None = None
+    """dpo / ipo: the reference model (hub id, folder or preset). Default: the trained model with its LoRA
+    adapter disabled, or, for full fine-tuning, a frozen copy of --model."""
     chunk_size: int | None = None
     """Tokens per chunk (default 1024; the demo 256)."""
     budget: int | None = None
@@ -117,6 +129,10 @@ class TrainConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     """Instruction data: the prompt's tokens are context only (label -100), the response's are the targets."""
+    chosen_field: str = "chosen"
+    """Preference data: the field with the preferred response (the prompt is in --prompt-field, default "prompt")."""
+    rejected_field: str = "rejected"
+    """Preference data: the field with the dispreferred response."""
     split: str = "train"
     packing: str | None = None
     """"pack" (concatenate documents, cut into seq_len blocks; default for text) or "truncate" (one
@@ -151,8 +167,10 @@ class TrainConfig:
             data=SYNTHETIC if self.data is None else self.data,
             chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, eval_every=0, adam_beta2=0.999,
             lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
-            packing="truncate" if self.prompt_field else "pack",
+            packing="truncate" if self.prompt_field or self.objective != "cross-entropy" else "pack",
         )
+        if self.objective != "cross-entropy":
+            defaults.update(beta=2.0 if self.objective == "simpo" else 0.1, prompt_field="prompt")
         for name, value in defaults.items():
             if settings[name] is None:
                 settings[name] = value
@@ -199,6 +217,26 @@ class TrainConfig:
             raise ValueError(f"--packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "cross-entropy":
+            if self.beta is not None or self.ref_model is not None:
+                raise ValueError("--beta and --ref-model apply to preference objectives (--objective dpo, ipo, simpo)")
+            return
+        name = f"--objective {self.objective}"
+        if self.data == SYNTHETIC:
+            raise ValueError(f"{name} trains on preference pairs: give --data with prompt / chosen / rejected fields")
+        if self.response_field is not None:
+            raise ValueError(f"{name} reads --chosen-field and --rejected-field, not --response-field")
+        if self.packing != "truncate":
+            raise ValueError(f"{name} keeps each preference pair whole: --packing must be truncate")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"--beta must be a positive number, got {self.beta}")
+        if self.objective == "simpo" and self.ref_model is not None:
+            raise ValueError("--objective simpo is reference-free; drop --ref-model")
 
 
 @dataclass
@@ -276,6 +314,11 @@ def training_sequences(config: TrainConfig, tokenizer) -> list | None:
         return None
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
+    if config.objective != "cross-entropy":
+        return read_preference_pairs(
+            config.data, tokenizer, seq_len=config.seq_len, prompt_field=config.prompt_field,
+            chosen_field=config.chosen_field, rejected_field=config.rejected_field, split=config.split,
+        )
     return read_sequences(
         config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
         prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
@@ -316,6 +359,8 @@ class BatchStream:
             return self.task.batch(index, batch_size=size, seq_len=self.config.seq_len, seed=self.config.seed)
         # Sequence positions index*size ... run through epochs, each a seeded shuffle of the data.
         rows = [self.sequences[self._position(p)] for p in range(index * size, (index + 1) * size)]
+        if isinstance(rows[0], PreferencePair):  # batch_size pairs: the chosen rows, then the rejected ones
+            return collate_pairs(rows, pad_token_id=self.pad)
         return collate(rows, pad_token_id=self.pad)
 
     def _position(self, position: int) -> int:
@@ -369,17 +414,27 @@ def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
 # ----- one optimizer step -----------------------------------------------------------------------------
 
 
-def full_backward(model: torch.nn.Module, batch: dict, num_items: float) -> torch.Tensor:
-    """Ordinary backprop of one micro-batch's summed token loss over `num_items`; returns the detached loss."""
+def full_backward(model: torch.nn.Module, batch: dict, num_items: float, objective: Objective | None = None, policy: Policy | None = None):
+    """Ordinary backprop of one micro-batch's loss over `num_items`; returns the detached loss and the
+    objective's metrics. Cross-entropy by default; another objective runs on the full sequence's logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+    if objective is None:
+        loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+        loss.backward()
+        return loss.detach(), {}
+    handle = policy.handle
+    whole = chunk_batch(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=num_items,
+                        chunk_size=batch["input_ids"].shape[1], vocab_size=handle.vocab_size, hidden_size=handle.hidden_size, device=logits.device)
+    bound = objective.bind(whole, num_items=num_items, policy=policy)
+    loss = bound.full_sequence_loss(logits)
     loss.backward()
-    return loss.detach()
+    return loss.detach(), bound.metrics()
 
 
-def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp) -> float:
-    """Fill `.grad` with the gradient of (sum of the step's token losses) / num_items; return that loss."""
-    total = 0.0
+def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp, objective=None, policy=None) -> tuple[float, dict]:
+    """Fill `.grad` with the gradient of (sum of the step's losses) / num_items; return that loss and the
+    objective's metrics averaged over the micro-batches."""
+    total, metrics = 0.0, {}
     for number, batch in enumerate(batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         last = number == len(batches) - 1
@@ -387,11 +442,22 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
         sync_context = ddp.no_sync() if ddp is not None and not last else nullcontext()
         with sync_context, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if engine is None:
-                loss = full_backward(model, batch, num_items)
+                loss, extra = full_backward(model, batch, num_items, objective, policy)
             else:
-                loss = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=num_items).loss
+                out = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
+                                      num_items=num_items, objective=objective)
+                loss, extra = out.loss, out.metrics
         total += float(loss)
-    return total
+        for key, value in extra.items():
+            metrics.setdefault(key, []).append(value)
+    return total, {key: sum(values) / len(values) for key, values in metrics.items()}
+
+
+def count_items(batch: dict, objective: Objective | None) -> int:
+    """What a micro-batch's loss is normalised by: its valid targets, or its pairs for a preference objective."""
+    if isinstance(objective, PairedLoss):
+        return batch["input_ids"].shape[0] // 2
+    return count_targets(batch["labels"])
 
 
 @dataclass
@@ -410,6 +476,8 @@ class _Trainer:
     scaler: torch.amp.GradScaler
     data: BatchStream
     autocast_dtype: torch.dtype | None
+    objective: Objective | None = None
+    policy: Policy | None = None
 
 
 def optimizer_step(trainer: _Trainer, step: int) -> dict:
@@ -419,7 +487,7 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     started = time.perf_counter()
     first_index = (step - 1) * config.grad_accum * dist.world_size
     batches = [trainer.data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
-    (global_targets,) = dist.all_sum([float(sum(count_targets(b["labels"]) for b in batches))])
+    (global_targets,) = dist.all_sum([float(sum(count_items(b, trainer.objective) for b in batches))])
     global_targets = max(global_targets, 1.0)
     # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the gradient
     # of the mean over every target of the step, as one process with the whole batch. float16: the loss
@@ -427,9 +495,11 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     loss_scale = float(scaler.scale(torch.ones((), device=trainer.device))) if scaler.is_enabled() else 1.0
     num_items = global_targets / dist.world_size / loss_scale
     trainer.model.train()
-    loss_sum = step_backward(trainer.ddp or trainer.model, trainer.engine, batches, num_items=num_items,
-                             autocast_dtype=trainer.autocast_dtype, device=trainer.device, ddp=trainer.ddp)
-    (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed token loss, unscaled
+    loss_sum, objective_metrics = step_backward(
+        trainer.ddp or trainer.model, trainer.engine, batches, num_items=num_items, autocast_dtype=trainer.autocast_dtype,
+        device=trainer.device, ddp=trainer.ddp, objective=trainer.objective, policy=trainer.policy,
+    )
+    (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed loss, unscaled
     loss = loss_sum / global_targets
 
     scaler.unscale_(trainer.optimizer)
@@ -449,6 +519,7 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
         "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": trainer.scheduler.get_last_lr()[0],
         "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
         "peak_memory_bytes": peak_memory_bytes(trainer.device),
+        **objective_metrics,  # e.g. DPO's rewards/margins (this rank's micro-batches)
     }
 
 
@@ -494,6 +565,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
     model = build_model(config, device)
     handle = inspect_causal_lm(model)
     check_position_limit(handle.lm.config, config.seq_len, allow=config.allow_extrapolation, log=log)
+    objective = make_objective(config, model, handle, device)
     data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, handle.vocab_size)
     _, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
     if not config.resume and dist.is_main:
@@ -540,7 +612,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
     first_loss = last_loss = None
     interrupted = None
     started = time.perf_counter()
-    trainer = _Trainer(config, dist, device, model, ddp, engine, parameters, optimizer, scheduler, scaler, data, autocast_dtype)
+    policy = Policy(ddp or model, handle, config.chunk_size)
+    trainer = _Trainer(config, dist, device, model, ddp, engine, parameters, optimizer, scheduler, scaler, data, autocast_dtype, objective, policy)
     with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
         while state["step"] < config.steps:
             step = state["step"] + 1
@@ -598,6 +671,27 @@ def _make_engine(config: TrainConfig, model: torch.nn.Module):
                  offload_kv=config.offload_kv)
 
 
+def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:
+    """The objective of a preference run (None: cross-entropy), with its reference model.
+
+    dpo / ipo compare with a reference: --ref-model, else the trained model with its LoRA adapter
+    disabled, else a frozen copy of --model (loaded again, before training changes anything).
+    """
+    if config.objective == "cross-entropy":
+        return None
+    cls = OBJECTIVES[config.objective]
+    if not cls.needs_reference:
+        return cls(beta=config.beta)
+    if config.ref_model is None and config.lora_r > 0:
+        reference = ADAPTER_DISABLED
+    else:
+        weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)
+        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed).to(device).eval()
+        reference.requires_grad_(False)
+    resolve_reference(reference, model, handle, owner="--ref-model")  # a wrong vocabulary fails now, not at step 1
+    return cls(beta=config.beta, reference=reference)
+
+
 def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:
     """Every rank stops at the same step if any rank got a signal (no rank waits in a collective alone)."""
     (requests,) = dist.all_sum([1.0 if stop.signal is not None else 0.0])
@@ -607,8 +701,12 @@ def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:
 def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequences: int) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} sequences)"
+    unit = "sequences" if config.objective == "cross-entropy" else "preference pairs"
+    what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} {unit})"
     method = config.method + (f" (budget {config.budget}, {config.sampling})" if config.method == "spaco" else "")
+    if config.objective != "cross-entropy":
+        reference = "" if config.objective == "simpo" else f", reference {config.ref_model or ('the base model (adapter disabled)' if config.lora_r else 'a frozen copy of --model')}"
+        method += f", objective {config.objective} (beta {config.beta:g}{reference})"
     return (
         f"chunkwise train: {config.model} ({trainable:,} of {total:,} parameters trained"
         f"{', LoRA r=' + str(config.lora_r) if config.lora_r else ''}) on {device}"
