@@ -281,7 +281,8 @@ class ChunkwiseTrainerMixin:
 
     * `training_step` runs `engine.backward` instead of `compute_loss` + `accelerator.backward`, so a
       subclass's `compute_loss` is not called during training (its metrics, e.g. TRL's token accuracy, are
-      not logged) and a custom loss cannot be used: the loss is the token cross-entropy.
+      not logged) and a custom loss cannot be used: the loss is the token cross-entropy (TRL's DPO and GRPO
+      trainers have their own mixins in `chunkwise.trl_trainers`).
     * The batch may hold only `input_ids` (or `inputs_embeds`), `attention_mask` (right padding) and the
       labels; packed / padding-free collators (`position_ids`) are refused. Override `chunkwise_inputs` to
       adapt another batch layout.

@@ -22,7 +22,10 @@ The reference is TRL's: precomputed log-probs when `precompute_ref_log_probs=Tru
 are still computed by TRL during generation (full-sequence forwards without autograd).
 
 Options whose loss is not implemented chunk-wise are refused when the trainer is built, each naming the
-setting. `trl` is imported only when `ChunkwiseDPOTrainer` / `ChunkwiseGRPOTrainer` are used.
+setting. Logged metrics: DPO's rewards and log-probs (`rewards/margins`, ...) as TRL names them; TRL's
+per-token statistics that need the whole vocabulary or a full-sequence pass (entropy, logits/*, token
+accuracy; GRPO's kl and clip ratios) are not logged during training. `trl` is imported only when
+`ChunkwiseDPOTrainer` / `ChunkwiseGRPOTrainer` are used.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import max_relative_error, trainable_grads
+from reference import loss_and_gradients, max_relative_error, trainable_grads
 from test_seco_exactness import lora_model
 from test_spaco import FixedSelection, _norms_in_model_dtype, expected_gradient
 
@@ -134,13 +134,6 @@ def models_for(preset, variant):
     return policy, ADAPTER_DISABLED, adapter_disabled
 
 
-def reference_and_gradient(model, loss_fn):
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    return loss.detach(), trainable_grads(model)
-
-
 def assert_close(out, grads, ref_loss, ref_grads, what):
     loss_error = abs(out.loss.item() - ref_loss.item()) / abs(ref_loss.item())
     assert loss_error <= TOL, f"{what}: loss {out.loss.item()!r} vs {ref_loss.item()!r}"
@@ -206,7 +199,7 @@ MATRIX = [(preset, loss, ("full", "lora")[(i + j) % 2]) for i, preset in enumera
 def test_seco_matches_full_sequence_formula(preset, loss_name, variant):
     policy, reference, reference_logps = models_for(preset, variant)
     (ids, mask, labels), objective, plain = case(loss_name, policy, reference, reference_logps)
-    ref_loss, ref_grads = reference_and_gradient(policy, plain)
+    ref_loss, ref_grads = loss_and_gradients(policy, plain)
     for chunk_size in (5, 64):  # 5 cuts through prompts and responses; 64 is one chunk
         policy.zero_grad(set_to_none=True)
         out = SeCO(policy, chunk_size=chunk_size).backward(ids, labels=labels, attention_mask=mask, objective=objective)

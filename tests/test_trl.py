@@ -24,7 +24,7 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from reference import max_relative_error, trainable_grads  # noqa: E402
+from reference import loss_and_gradients, max_relative_error, trainable_grads  # noqa: E402
 
 from chunkwise.data import DEMO_TASK  # noqa: E402
 from chunkwise.hf import ChunkwiseConfig  # noqa: E402
@@ -69,24 +69,17 @@ def tokenizer():
     return tok
 
 
-def backward(model, loss_fn):
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    return loss.item(), trainable_grads(model)
-
-
 def compare(trainer, model, inputs, plain_loss, trl_loss):
     """The chunk-wise training_step's gradient vs the plain float64 reference (1e-10) and TRL's own (1e-5)."""
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # as Trainer's loop sets it
-    expected_loss, expected = backward(model, plain_loss)
-    trl_value, trl_grads = backward(model, trl_loss)
+    expected_loss, expected = loss_and_gradients(model, plain_loss)
+    trl_value, trl_grads = loss_and_gradients(model, trl_loss)
     model.zero_grad(set_to_none=True)
     reported = trainer.training_step(model, inputs, None)  # as the loop calls it (GRPO requires the argument)
     error = max_relative_error(trainable_grads(model), expected)
     assert error <= TOL, f"gradient error {error:.3g} against the float64 reference"
-    assert max_relative_error(trl_grads, expected) <= 1e-5 and trl_value == pytest.approx(expected_loss, rel=1e-5)
-    return reported, expected_loss
+    assert max_relative_error(trl_grads, expected) <= 1e-5 and trl_value.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    return reported, expected_loss.item()
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask, temperature=1.0):
