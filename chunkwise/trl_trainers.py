@@ -98,6 +98,8 @@ class ChunkwiseDPOMixin(_ChunkwiseLossMixin):
         problems = []
         if len(self.loss_types) != 1 or self.loss_types[0] not in DPO_LOSSES:
             problems.append(f"loss_type={self.loss_types}: chunk-wise DPO implements one of {sorted(DPO_LOSSES)}")
+        elif not self.loss_weights[0] > 0:
+            problems.append(f"loss_weights={self.loss_weights}: the loss weight must be positive")
         if self.f_divergence_type != "reverse_kl":
             problems.append(f"f_divergence_type={self.f_divergence_type!r}: only 'reverse_kl' (standard DPO) is implemented")
         if self.ld_alpha is not None:
