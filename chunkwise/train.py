@@ -431,10 +431,13 @@ def full_backward(model: torch.nn.Module, batch: dict, num_items: float, objecti
     return loss.detach(), bound.metrics()
 
 
-def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp, objective=None, policy=None) -> tuple[float, dict]:
-    """Fill `.grad` with the gradient of (sum of the step's losses) / num_items; return that loss and the
-    objective's metrics averaged over the micro-batches."""
-    total, metrics = 0.0, {}
+def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, ddp, objective=None, policy=None,
+                  metrics: dict | None = None) -> float:
+    """Fill `.grad` with the gradient of (sum of the step's losses) / num_items; return that loss.
+
+    `metrics`, if given, collects the objective's statistics: a list of per-micro-batch values per name.
+    """
+    total = 0.0
     for number, batch in enumerate(batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         last = number == len(batches) - 1
@@ -449,8 +452,9 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
                 loss, extra = out.loss, out.metrics
         total += float(loss)
         for key, value in extra.items():
-            metrics.setdefault(key, []).append(value)
-    return total, {key: sum(values) / len(values) for key, values in metrics.items()}
+            if metrics is not None:
+                metrics.setdefault(key, []).append(value)
+    return total
 
 
 def count_items(batch: dict, objective: Objective | None) -> int:
@@ -495,9 +499,10 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     loss_scale = float(scaler.scale(torch.ones((), device=trainer.device))) if scaler.is_enabled() else 1.0
     num_items = global_targets / dist.world_size / loss_scale
     trainer.model.train()
-    loss_sum, objective_metrics = step_backward(
+    objective_metrics = {}
+    loss_sum = step_backward(
         trainer.ddp or trainer.model, trainer.engine, batches, num_items=num_items, autocast_dtype=trainer.autocast_dtype,
-        device=trainer.device, ddp=trainer.ddp, objective=trainer.objective, policy=trainer.policy,
+        device=trainer.device, ddp=trainer.ddp, objective=trainer.objective, policy=trainer.policy, metrics=objective_metrics,
     )
     (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed loss, unscaled
     loss = loss_sum / global_targets
@@ -519,7 +524,8 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
         "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": trainer.scheduler.get_last_lr()[0],
         "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
         "peak_memory_bytes": peak_memory_bytes(trainer.device),
-        **objective_metrics,  # e.g. DPO's rewards/margins (this rank's micro-batches)
+        # e.g. DPO's rewards/margins, averaged over this rank's micro-batches
+        **{key: sum(values) / len(values) for key, values in objective_metrics.items()},
     }
 
 
