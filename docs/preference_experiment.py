@@ -5,14 +5,16 @@ states a key→value pair at its very start, then fills the rest of `--seq-len` 
 asks for the key; the chosen answer is the right value, the rejected one another value. Nothing near the
 question tells them apart: only the start of the sequence does, thousands of tokens earlier.
 
-The same `chunkwise train --objective dpo` run is made twice from the same seed — `--method seco`
-(chunks of `--chunk-size`) and `--method full` (one ordinary forward and backward per micro-batch) —
-from a randomly initialised demo model, with a frozen copy of it as the reference. Afterwards both models
-and the starting one are scored on held-out pairs: the fraction whose chosen answer gets the higher
-log-probability (chance: 50%) and the mean DPO reward margin.
+First the demo model is trained briefly with ordinary next-token loss on the recall task at a short
+length (`--sft-seq-len`, SeCO): the usual SFT-then-DPO recipe, and a starting point that half knows the
+task but fails at `--seq-len`. Then the same `chunkwise train --objective dpo` run is made twice from
+that model and the same seed — `--method seco` (chunks of `--chunk-size`) and `--method full` (one
+ordinary forward and backward per micro-batch) — with a frozen copy of the starting model as the
+reference. Afterwards both models and the starting one are scored on held-out pairs: the fraction whose
+chosen answer gets the higher log-probability (chance: 50%) and the mean DPO reward margin.
 
     python docs/preference_experiment.py                  # the numbers in docs/preference.md
-    python docs/preference_experiment.py --steps 20 --seq-len 512   # a quick look
+    python docs/preference_experiment.py --steps 10 --seq-len 512 --sft-steps 20   # a quick look
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def preference_scores(model, reference, pairs, *, chunk_size: int, beta: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft-steps", type=int, default=150, help="next-token training steps before DPO (0: none)")
+    parser.add_argument("--sft-seq-len", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--beta", type=float, default=1.0)
@@ -86,19 +90,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="seco,full", help="comma-separated; the comparison needs both")
     parser.add_argument("--output", default="runs/preference-experiment")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     output = Path(args.output)
+    if args.plot_only:
+        plot(json.loads((output / "results.json").read_text()), output / "preference-loss.png")
+        return
     output.mkdir(parents=True, exist_ok=True)
     train_file = write_jsonl(output / "train.jsonl", preference_rows(args.steps * args.batch_size, seq_len=args.seq_len, seed=args.seed))
     held_out_file = write_jsonl(output / "held_out.jsonl", preference_rows(args.held_out, seq_len=args.seq_len, seed=args.seed + 1_000))
 
     methods = args.methods.split(",")
     results = {"settings": vars(args), "runs": {}}
+    start_model = "demo-llama"
+    if args.sft_steps:
+        train(TrainConfig(output=str(output / "sft"), seq_len=args.sft_seq_len, chunk_size=min(args.chunk_size, args.sft_seq_len),
+                          steps=args.sft_steps, seed=args.seed, dtype=args.dtype, device="cpu", eval_every=0, checkpoint_every=0,
+                          progress=False, overwrite=True))
+        start_model = str(output / "sft" / "model")
     for method in methods:
         config = TrainConfig(
-            model="demo-llama", data=str(train_file), objective="dpo", beta=args.beta, method=method, lora_r=0,
+            model=start_model, data=str(train_file), objective="dpo", beta=args.beta, method=method, lora_r=0,
             seq_len=args.seq_len, chunk_size=args.chunk_size, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
             warmup_ratio=0.05, adam_beta2=0.98, seed=args.seed, dtype=args.dtype, device="cpu", checkpoint_every=0,
             progress=False, output=str(output / method), overwrite=True,
@@ -111,7 +125,7 @@ def main() -> None:
     tokenizer = DEMO_TASK.tokenizer()
     held_out = read_preference_pairs(str(held_out_file), tokenizer, seq_len=args.seq_len)
     dtype = getattr(torch, args.dtype)
-    start, _, _ = load_trained_model("demo-llama", dtype=dtype)  # the seed-0 initialisation: the reference
+    start, _, _ = load_trained_model(start_model, dtype=dtype)  # the reference
     results["held_out"] = {"start": preference_scores(start, start, held_out, chunk_size=args.chunk_size, beta=args.beta)}
     for method in methods:
         model, _, _ = load_trained_model(str(output / method), dtype=dtype)
@@ -139,7 +153,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, margin_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    both = {"seco", "full"} <= set(results["runs"])
+    figure, axes = plt.subplots(1, 3 if both else 2, figsize=(15 if both else 10, 3.6))
+    loss_axis, margin_axis = axes[:2]
     for method, style in (("full", dict(color="0.6", linewidth=4)), ("seco", dict(color="C0", linewidth=1.2))):
         if method not in results["runs"]:
             continue
@@ -152,6 +168,10 @@ def plot(results: dict, path: Path) -> None:
     margin_axis.set(xlabel="step", ylabel="β · margin", title="reward margin (chosen − rejected)")
     for axis in (loss_axis, margin_axis):
         axis.legend()
+    if both:
+        seco, full = results["runs"]["seco"]["steps"], results["runs"]["full"]["steps"]
+        axes[2].semilogy([r["step"] for r in seco], [max(abs(a["loss"] - b["loss"]) / abs(b["loss"]), 1e-17) for a, b in zip(seco, full)])
+        axes[2].set(xlabel="step", ylabel="|seco − full| / full", title=f"loss difference ({results['settings']['dtype']})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
