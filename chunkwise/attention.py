@@ -23,10 +23,14 @@ buffers and chunk-sized tensors.
 
 Two implementations of the same function:
 
-* `_SplitAttention` (CPU): the two parts run on PyTorch's fused CPU flash-attention kernel
-  (`aten._scaled_dot_product_flash_attention_for_cpu`, the one SDPA uses on CPU, with its backward).
-* `_BlockedAttention` (other devices): plain tensor ops, the keys processed in blocks with an online
-  softmax. Correct everywhere; its speed on a GPU is not measured yet (docs/benchmarks.md).
+* `_SplitAttention`: each part is one call of a fused kernel that returns its log-sum-exp
+  (`chunkwise.kernels`: PyTorch's CPU flash kernel; on CUDA its flash, memory-efficient or cuDNN
+  kernel), chosen per device, dtype and head dim, and checked against float64 math attention the first
+  time it is used in the process. The past is cut into `PAST_BLOCK`-key blocks merged one by one. With an
+  offloaded cache, `_OffloadedSplitAttention` runs the same arithmetic on blocks streamed from the host
+  (`chunkwise.offload`).
+* `_BlockedAttention` (the last resort: no kernel passed its check, e.g. float64 on a GPU): plain
+  tensor ops, the keys processed in blocks with an online softmax.
 
 `chunk_attention_forward` is registered with transformers' `AttentionInterface` as "chunkwise_sdpa".
 The engine switches a model whose attention is "sdpa" to it for the duration of a step
@@ -45,14 +49,18 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels import CPU_FLASH, PartKernel, merge_parts, select_kernel
+from .offload import OffloadedPast, claim
+
 ATTENTION_NAME = "chunkwise_sdpa"
 ATTENTION_CHOICES = ("chunkwise", "model")
 
 
-# ----- on CPU: PyTorch's fused flash-attention kernel, run on the two parts -----------------------------
+# ----- fused kernels (chunkwise.kernels), run on the two parts ----------------------------------------
 
-_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Keys of the past per kernel call. The past is cut at multiples of this, offloaded or not, so that
+# offloading changes no bit of the result; an offloaded past streams to the device in blocks this long.
+PAST_BLOCK = 8192
 
 
 def _as_rows(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -61,57 +69,163 @@ def _as_rows(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return tensor.reshape(batch, kv_heads, heads // kv_heads * chunk, *tensor.shape[3:])
 
 
+def _past_bounds(past: int) -> list[tuple[int, int]]:
+    return [(start, min(start + PAST_BLOCK, past)) for start in range(0, past, PAST_BLOCK)]
+
+
+def _own_part(query, own_key, own_value, scale, kernel: PartKernel):
+    """The chunk over its own keys, causal; K/V repeated to the query heads (chunk-sized copies)."""
+    groups = query.shape[1] // own_key.shape[1]
+    output, lse, state = kernel.forward(
+        query, repeat_kv(own_key, groups), repeat_kv(own_value, groups), causal=True, scale=scale
+    )
+    return output, lse.to(torch.promote_types(lse.dtype, torch.float32)), state
+
+
+def _add_past(output, lse, query, blocks, scale, kernel: PartKernel):
+    """Merge the past's key blocks into (output, lse): grouped heads folded into rows, no mask. Returns
+    (output, lse, one kernel state per block)."""
+    kv_heads, states = None, []
+    for keys, values in blocks:
+        kv_heads = keys.shape[1]
+        block_output, block_lse, state = kernel.forward(
+            _as_rows(query, kv_heads), keys.to(query.dtype), values.to(query.dtype), causal=False, scale=scale
+        )
+        output, lse = merge_parts(output, lse, block_output.reshape(output.shape), block_lse.reshape(lse.shape))
+        states.append(state)
+    # Contiguous, like the gradient backward gets: some kernels want `out` and `grad_out` laid out alike.
+    return output.to(query.dtype).contiguous(), lse, states
+
+
+def _own_grads(grad_output, query, own_key, own_value, output, lse, state, scale, kernel: PartKernel):
+    """(grad_query, grad_own_key, grad_own_value) of the own part, given the merged output and LSE."""
+    batch, kv_heads = own_key.shape[:2]
+    groups = query.shape[1] // kv_heads
+    grad_query, grad_keys, grad_values = kernel.backward(
+        grad_output, query, repeat_kv(own_key, groups), repeat_kv(own_value, groups), output, lse, state,
+        causal=True, scale=scale,
+    )
+    # Each repeated head's gradient goes back to the KV head it was copied from.
+    return grad_query, grad_keys.unflatten(1, (kv_heads, groups)).sum(2), grad_values.unflatten(1, (kv_heads, groups)).sum(2)
+
+
+def _past_block_grads(grad_output, query, output, lse, keys, values, state, scale, kernel: PartKernel, grad_query):
+    """(grad_keys, grad_values) of one past block; its query gradient is added into `grad_query`."""
+    kv_heads = keys.shape[1]
+    grad_rows, grad_keys, grad_values = kernel.backward(
+        _as_rows(grad_output, kv_heads), _as_rows(query, kv_heads), keys.to(query.dtype), values.to(query.dtype),
+        _as_rows(output, kv_heads), _as_rows(lse, kv_heads), state, causal=False, scale=scale,
+    )
+    grad_query += grad_rows.reshape(grad_query.shape)
+    return grad_keys, grad_values
+
+
 class _SplitAttention(torch.autograd.Function):
-    """Causal attention of a chunk at the end of its keys, as past part + own part (module docstring)."""
+    """Causal attention of a chunk at the end of its keys, as past part + own part (module docstring).
+
+    key/value `[B, H_kv, S, D]` hold the past and the chunk, on the queries' device; the past is read in
+    `PAST_BLOCK` blocks of views, the kernel is a `chunkwise.kernels.PartKernel`.
+    """
 
     @staticmethod
-    def forward(ctx, query, key, value, scale: float):
+    def forward(ctx, query, key, value, scale: float, kernel: PartKernel = CPU_FLASH):
         # query [B, H, c, D]; key [B, H_kv, S, D]; value [B, H_kv, S, Dv]; S >= c.
-        heads, kv_heads, chunk = query.shape[1], key.shape[1], query.shape[2]
+        chunk = query.shape[2]
         past = key.shape[2] - chunk
-        groups = heads // kv_heads
-        own_keys, own_values = repeat_kv(key[:, :, past:], groups), repeat_kv(value[:, :, past:], groups)
-        output, log_sum_exp = _cpu_flash(query, own_keys, own_values, 0.0, True, scale=scale)  # lse [B, H, c]
-        if past:
-            past_output, past_lse = _cpu_flash(
-                _as_rows(query, kv_heads), key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale
-            )
-            past_output, past_lse = past_output.reshape(output.shape), past_lse.reshape(log_sum_exp.shape)
-            merged = torch.logaddexp(log_sum_exp, past_lse)
-            output = (
-                torch.exp(log_sum_exp - merged).unsqueeze(-1) * output
-                + torch.exp(past_lse - merged).unsqueeze(-1) * past_output
-            ).to(query.dtype)
-            log_sum_exp = merged
-        ctx.save_for_backward(query, key, value, output, log_sum_exp)
-        ctx.scale = scale
+        output, lse, own_state = _own_part(query, key[:, :, past:], value[:, :, past:], scale, kernel)
+        blocks = [(key[:, :, s:e], value[:, :, s:e]) for s, e in _past_bounds(past)]
+        output, lse, states = _add_past(output, lse, query, blocks, scale, kernel)
+        ctx.save_for_backward(query, key, value, output, lse)
+        ctx.scale, ctx.kernel, ctx.own_state, ctx.states = scale, kernel, own_state, states
         return output
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)  # the caller's autocast is active in backward: keep forward's dtypes
     def backward(ctx, grad_output):
-        query, key, value, output, log_sum_exp = ctx.saved_tensors
-        batch, heads, chunk, _ = query.shape
-        kv_heads = key.shape[1]
-        past = key.shape[2] - chunk
-        groups = heads // kv_heads
-        grad_output = grad_output.contiguous()
-        own_keys, own_values = repeat_kv(key[:, :, past:], groups), repeat_kv(value[:, :, past:], groups)
-        grad_query, grad_own_keys, grad_own_values = _cpu_flash_backward(
-            grad_output, query, own_keys, own_values, output, log_sum_exp, 0.0, True, scale=ctx.scale
-        )
-        # Each repeated head's gradient goes back to the KV head it was copied from.
-        grad_key = grad_own_keys.view(batch, kv_heads, groups, chunk, -1).sum(2)
-        grad_value = grad_own_values.view(batch, kv_heads, groups, chunk, -1).sum(2)
-        if past:
-            grad_rows, grad_past_keys, grad_past_values = _cpu_flash_backward(
-                _as_rows(grad_output, kv_heads), _as_rows(query, kv_heads), key[:, :, :past], value[:, :, :past],
-                _as_rows(output, kv_heads), _as_rows(log_sum_exp, kv_heads), 0.0, False, scale=ctx.scale,
+        query, key, value, output, lse = ctx.saved_tensors
+        with torch.autocast(grad_output.device.type, enabled=False):  # the caller's autocast is active here
+            past = key.shape[2] - query.shape[2]
+            grad_output = grad_output.contiguous()
+            grad_query, grad_key, grad_value = _own_grads(
+                grad_output, query, key[:, :, past:], value[:, :, past:], output, lse, ctx.own_state, ctx.scale, ctx.kernel
             )
-            grad_query = grad_query + grad_rows.reshape(grad_query.shape)
-            grad_key = torch.cat([grad_past_keys, grad_key], dim=2)
-            grad_value = torch.cat([grad_past_values, grad_value], dim=2)
-        return grad_query, grad_key, grad_value, None
+            if past:
+                grad_query = grad_query.to(lse.dtype)  # summed over the blocks in float32 (or wider)
+                past_grads = [
+                    _past_block_grads(
+                        grad_output, query, output, lse, key[:, :, s:e], value[:, :, s:e], state, ctx.scale, ctx.kernel, grad_query
+                    )
+                    for (s, e), state in zip(_past_bounds(past), ctx.states)
+                ]
+                grad_key = torch.cat([*(g for g, _ in past_grads), grad_key], dim=2)
+                grad_value = torch.cat([*(g for _, g in past_grads), grad_value], dim=2)
+        return grad_query.to(query.dtype), grad_key, grad_value, None, None
+
+
+def _stream_past_grads(ctx, past: OffloadedPast, grad_output, query, output, lse, grad_query) -> None:
+    """Backward of an offloaded past: per block, fetch K/V (and the KV gradient later chunks accumulated),
+    compute, add, write the sum back to the host — the copies on the streamer's side stream."""
+    bounds = _past_bounds(past.length)
+    # A fresh K (or V) without a graph means nothing trainable is upstream of it, nor of the past's:
+    # that gradient is not relayed (as `_PastAndChunk` does).
+    wanted = [slot for slot, needed in enumerate(ctx.needs_input_grad[1:3]) if needed]
+    host = {slot: past.sink.gradient_buffer(slot) for slot in wanted}  # slot -> (buffer, tokens already summed)
+    for slot, (_, summed) in host.items():
+        if 0 < summed < past.length:
+            raise RuntimeError(f"chunkwise: KV gradient of tokens {summed}..{past.length} missing (chunks out of order)")
+    adding = [slot for slot in wanted if host[slot][1]]
+    sources = [past.keys, past.values, *(host[slot][0] for slot in adding)]
+    for (start, end), blocks, state in zip(bounds, past.streamer.blocks(sources, bounds), ctx.states):
+        grads = _past_block_grads(grad_output, query, output, lse, blocks[0], blocks[1], state, ctx.scale, ctx.kernel, grad_query)
+        sums = dict(zip(adding, blocks[2:]))
+        for slot in wanted:
+            buffer, grad = host[slot][0], grads[slot]
+            if slot in sums:
+                grad = sums[slot].add_(grad)  # the fetched sum of later chunks' gradients, plus this chunk's
+            past.streamer.write_back(grad, buffer[:, :, start:end])
+    for slot in wanted:
+        past.sink.mark_summed(slot, past.length)
+
+
+def split_attention(query, key, value, scale: float, kernel: PartKernel) -> torch.Tensor:
+    """`causal_chunk_attention` through one given part kernel (what the kernel self-check runs)."""
+    return _SplitAttention.apply(query, key, value, scale, kernel)
+
+
+class _OffloadedSplitAttention(torch.autograd.Function):
+    """`_SplitAttention` over a past that lives in host memory (`chunkwise.offload.OffloadedPast`).
+
+    Inputs are the chunk's own keys/values on the device; the past's blocks stream in from the host,
+    and in backward the past's key/value gradients are added to the host gradient buffers block by
+    block (`ChunkLayer.gradient_buffer`) instead of being returned: the device never holds the whole past.
+    Block boundaries and arithmetic are those of `_SplitAttention`, so the results are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, query, own_key, own_value, scale: float, kernel: PartKernel, past: OffloadedPast):
+        output, lse, own_state = _own_part(query, own_key, own_value, scale, kernel)
+        bounds = _past_bounds(past.length)
+        following = None
+        if past.next_layer is not None and bounds:  # fetched while this layer's last block is computed
+            following = (list(past.next_layer), bounds[0])
+        blocks = past.streamer.blocks([past.keys, past.values], bounds, then=following)
+        output, lse, states = _add_past(output, lse, query, blocks, scale, kernel)
+        ctx.save_for_backward(query, own_key, own_value, output, lse)
+        ctx.scale, ctx.kernel, ctx.own_state, ctx.states, ctx.past = scale, kernel, own_state, states, past
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, own_key, own_value, output, lse = ctx.saved_tensors
+        past = ctx.past
+        with torch.autocast(grad_output.device.type, enabled=False):
+            grad_output = grad_output.contiguous()
+            grad_query, grad_key, grad_value = _own_grads(
+                grad_output, query, own_key, own_value, output, lse, ctx.own_state, ctx.scale, ctx.kernel
+            )
+            if past.length:
+                grad_query = grad_query.to(lse.dtype)
+                _stream_past_grads(ctx, past, grad_output, query, output, lse, grad_query)
+        return grad_query.to(query.dtype), grad_key, grad_value, None, None, None
 
 
 # ----- elsewhere: plain tensor ops over key blocks ---------------------------------------------------------
@@ -225,23 +339,35 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None
 
 
-def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_chunk_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, offloaded: OffloadedPast | None = None
+) -> torch.Tensor:
     """Causal attention of the last `c` positions of a sequence over all `S` of its keys.
 
-    Query `t` sits at key position `S - c + t` and sees keys `0 .. S - c + t`.
+    Query `t` sits at key position `S - c + t` and sees keys `0 .. S - c + t`. Runs on the fused kernel
+    `chunkwise.kernels.select_kernel` picks for the device, dtype and head dim (checked on first use),
+    else on `_BlockedAttention`.
 
     Args:
         query: `[B, H, c, D]`.
         key: `[B, H_kv, S, D]` with `H` a multiple of `H_kv` (grouped-query attention) and `S >= c`.
         value: `[B, H_kv, S, Dv]`.
         scale: multiplies q·kᵀ (usually `D ** -0.5`).
+        offloaded: the host-resident past `key`/`value` stand for (an offloaded `ChunkCache`); with a fused
+            kernel it streams to the device block by block, overlapped with compute.
     Returns:
         `[B, H, c, Dv]`.
     """
-    on_cpu = query.device.type == "cpu" and key.device.type == "cpu"
-    if on_cpu and _cpu_flash is not None and _cpu_flash_backward is not None:
-        return _SplitAttention.apply(query, key, value, scale)
-    return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
+    kernel = None
+    if offloaded is not None or key.device == query.device:
+        kernel = select_kernel(query.device, query.dtype, query.shape[-1], run=split_attention)
+    if kernel is None:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+        return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
+    if offloaded is not None:
+        own_key, own_value = (t.to(query.dtype) for t in (offloaded.fresh_keys, offloaded.fresh_values))
+        return _OffloadedSplitAttention.apply(query, own_key, own_value, scale, kernel, offloaded)
+    return _SplitAttention.apply(query, key, value, scale, kernel)
 
 
 # ----- the transformers attention function --------------------------------------------------------------
@@ -304,12 +430,20 @@ def chunk_attention_forward(module, query, key, value, attention_mask, dropout=0
         key, value = key.to(query.device), value.to(query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    # Under autocast, SDPA would cast q/k/v to the low precision: a copy of the whole past per layer. The
-    # kernel instead computes in the widest dtype of its inputs (float32 keys, from RoPE's float32 tables,
-    # stay float32; only the chunk's queries are cast) and turns autocast off inside.
-    dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-    with torch.autocast(query.device.type, enabled=False):
-        output = causal_chunk_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale)
+    # The dtype SDPA would compute in: under autocast the autocast dtype (the `ChunkCache` stores K/V in
+    # it already, so the past is not copied; only the chunk's float32 queries are cast), else the widest
+    # input dtype. Autocast is turned off inside: the kernels take care of their own precision.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    offloaded = claim(key, value)  # a host-resident past the cache handed over with these tensors
+    with torch.autocast(device_type, enabled=False):
+        if offloaded is not None:
+            output = causal_chunk_attention(query.to(dtype), key, value, scale, offloaded=offloaded)
+        else:
+            output = causal_chunk_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -416,17 +416,47 @@ def _random_tokens(case: BenchCase, vocab_size: int, seq_len: int, device: torch
     return torch.randint(0, vocab_size, (case.batch_size, seq_len), generator=generator).to(device)
 
 
-def measure_case(case: BenchCase) -> CaseResult:
-    """Run one case in this process and measure it. Out of memory, even while loading, is status "oom"."""
+def build_case_model(case: BenchCase, device: torch.device) -> torch.nn.Module:
+    return build_model(case.model, dtype=DTYPES[case.dtype], device=device, lora_r=case.lora_r, seed=case.seed)
+
+
+def measure_case(case: BenchCase, *, build: Callable = build_case_model) -> CaseResult:
+    """Run one case in this process and measure it. Out of memory, even while loading, is status "oom".
+
+    `build(case, device)` gives the model (the GPU suite passes one that reuses the last one built).
+    """
     started = time.perf_counter()
     if case.threads:
         torch.set_num_threads(case.threads)
     device = torch.device(case.device)
     meter = CudaMemory(device) if device.type == "cuda" else CpuMemory()
     result = CaseResult(case, "ok", memory_method=meter.method)
+    try:
+        model = build(case, device)
+    except Exception as error:  # MemoryError is an Exception too
+        _record_oom(result, error)
+    else:
+        measure_on(model, case, meter, result)
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _record_oom(result: CaseResult, error: BaseException) -> None:
+    if not is_out_of_memory(error):
+        raise error
+    result.status, result.error = "oom", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+
+
+def measure_on(model: torch.nn.Module, case: BenchCase, meter, result: CaseResult) -> None:
+    """Measure `case` on an already built `model` (see `measure_case`), filling `result`.
+
+    Leaves the model as it found it (activation checkpointing off, no gradients), so that a process
+    may measure several cases on one model (the GPU suite does).
+    """
+    device = torch.device(case.device)
     lift_cap = None
     try:
-        model, step, input_ids = _set_up(case, device, result)
+        step, input_ids = _set_up(case, model, device, result)
         model.zero_grad(set_to_none=True)
         gc.collect()
         result.baseline_bytes = baseline = meter.current()
@@ -444,25 +474,30 @@ def measure_case(case: BenchCase) -> CaseResult:
             result.step_times_s.append(time.perf_counter() - start)
             result.step_peaks_bytes.append(max(0, meter.peak() - baseline))
     except Exception as error:  # MemoryError is an Exception too
-        if not is_out_of_memory(error):
-            raise
-        result.status, result.error = "oom", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        _record_oom(result, error)
     finally:
         if lift_cap is not None:
             lift_cap()
+        model.zero_grad(set_to_none=True)
+        _set_checkpointing(model, False)
     if result.ok:
         result.time_s = statistics.median(result.step_times_s)
         result.peak_memory_bytes = max(result.step_peaks_bytes)
-    result.wall_s = time.perf_counter() - started
-    return result
 
 
-def _set_up(case: BenchCase, device: torch.device, result: CaseResult):
-    """Build the model and the step, run the priming step; return (model, step, input_ids)."""
-    model = build_model(case.model, dtype=DTYPES[case.dtype], device=device, lora_r=case.lora_r, seed=case.seed)
+def _set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Layer-level activation checkpointing on or off (transformers renamed the methods in 5.x)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if enabled:
+        getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    elif any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+def _set_up(case: BenchCase, model: torch.nn.Module, device: torch.device, result: CaseResult):
+    """Prepare `model` for the case and run the priming step; return (step, input_ids)."""
     model.train()  # activation checkpointing is active in training mode only
-    if case.method == "ckpt":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    _set_checkpointing(model, case.method == "ckpt")
     result.model_info = describe_model(model)
     vocab_size = result.model_info["vocab_size"]
     if case.method in CHUNKED:
@@ -472,7 +507,7 @@ def _set_up(case: BenchCase, device: torch.device, result: CaseResult):
     # baseline is taken.
     prime = replace(case, seq_len=16, chunk_size=4, budget=1)
     make_step(prime, model)(_random_tokens(prime, vocab_size, 16, device))
-    return model, make_step(case, model), _random_tokens(case, vocab_size, case.seq_len, device)
+    return make_step(case, model), _random_tokens(case, vocab_size, case.seq_len, device)
 
 
 # ----- the parent side: one subprocess per case --------------------------------------------------------

@@ -23,11 +23,20 @@ The cache has two modes, set by `ChunkCache.prepare` before each forward:
 
 In both modes the forward sees the first `num_past` chunks as its past.
 
+Precision: under autocast the buffers (and the gradient buffers) are in the autocast dtype, as SDPA
+would compute attention, even where the model makes float32 keys (RoPE's float32 tables promote
+them): half the memory, and no cast of the whole past per layer. Softmax statistics stay float32 in
+the attention kernels.
+
+Layout: buffers are stored time-major (`[T, B, H_kv, D]` memory seen as `[B, H_kv, T, D]`), so that
+a range of tokens is one contiguous piece of memory (one DMA transfer when offloaded).
+
 Offload (`offload=True`): the KV buffers and their gradient buffers live in host memory (pinned when
-the model is on a GPU). Attention then gets host views; `chunkwise.attention` streams them to the
-device a key block at a time and sends each block's KV gradient back, so the device holds one chunk's
-activations and one block of keys, whatever the length. The fresh chunk's KV and its relay move
-between host and device once per chunk.
+the model is on a GPU), allocated once per step. Attention then gets host views and, handed over with
+them, an `OffloadedPast` (`chunkwise.offload`): with a fused kernel it streams the past to the device a
+block at a time on a side stream, overlapped with compute, and adds each block's KV gradient into the
+host gradient buffers the same way; otherwise `_BlockedAttention` copies blocks itself. Either way the
+device holds one chunk's activations and a few blocks of keys, whatever the length.
 """
 
 from __future__ import annotations
@@ -36,6 +45,18 @@ from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .offload import BlockStreamer, OffloadedPast, hand_over, time_major
+
+
+def storage_dtype(states: torch.Tensor) -> torch.dtype:
+    """The dtype the cache keeps `states` in: the autocast dtype where autocast is on and narrower."""
+    device_type = states.device.type
+    if states.is_floating_point() and torch.is_autocast_enabled(device_type):
+        narrow = torch.get_autocast_dtype(device_type)
+        if narrow.itemsize < states.dtype.itemsize:
+            return narrow
+    return states.dtype
 
 
 class _PastAndChunk(torch.autograd.Function):
@@ -50,14 +71,14 @@ class _PastAndChunk(torch.autograd.Function):
     def forward(ctx, fresh, buffer, grads, slot, start):
         end = start + fresh.shape[-2]
         buffer[:, :, start:end] = fresh  # a device-to-host copy when the buffer is offloaded
-        ctx.grads, ctx.slot, ctx.start, ctx.device = grads, slot, start, fresh.device
+        ctx.grads, ctx.slot, ctx.start, ctx.device, ctx.dtype = grads, slot, start, fresh.device, fresh.dtype
         return buffer[:, :, :end]
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.start > 0:
             ctx.grads.accumulate(ctx.slot, grad[:, :, : ctx.start])
-        return grad[:, :, ctx.start :].to(ctx.device), None, None, None, None
+        return grad[:, :, ctx.start :].to(ctx.device, ctx.dtype), None, None, None, None
 
 
 class ChunkLayer(CacheLayerMixin):
@@ -69,32 +90,59 @@ class ChunkLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, total_length: int, offload: bool = False):
+    def __init__(self, total_length: int, offload: bool = False, streamer: BlockStreamer | None = None):
         super().__init__()
         self.total_length = total_length
         self.offload = offload
-        self.stored: list[torch.Tensor] = []  # [keys, values], each [B, H_kv, T, D]
+        self.streamer = streamer  # offload: the step's host<->device copies
+        self.next_layer: ChunkLayer | None = None  # offload: whose first block to prefetch
+        self.stored: list[torch.Tensor] = []  # [keys, values], each [B, H_kv, T, D], time-major
         self.gradients: list[torch.Tensor | None] = [None, None]  # allocated when a gradient first arrives
+        # Tokens [0, summed) of each gradient buffer hold a sum; the rest is unwritten memory. Stage 2
+        # runs from the last chunk back, so the first gradient to arrive covers every later one.
+        self.summed = [0, 0]
         self.past_length = 0
         self.record = True
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads = key_states.shape[:2]
-        # Pinned host memory makes the per-block host-to-device copies asynchronous.
-        home = {"device": "cpu", "pin_memory": key_states.is_cuda} if self.offload else {"device": key_states.device}
         self.stored = [
-            torch.empty(batch, heads, self.total_length, states.shape[-1], dtype=states.dtype, **home)
+            time_major(batch, heads, self.total_length, states.shape[-1], dtype=storage_dtype(states), **self._home(states))
             for states in (key_states, value_states)
         ]
+        self.state_dtypes = [key_states.dtype, value_states.dtype]  # what the model makes (and its relay seeds)
         self.device = key_states.device
         self.is_initialized = True
 
+    def _home(self, states: torch.Tensor) -> dict:
+        # Pinned host memory makes the host<->device copies asynchronous.
+        return {"device": "cpu", "pin_memory": states.is_cuda} if self.offload else {"device": states.device}
+
+    def gradient_buffer(self, slot: int) -> tuple[torch.Tensor, int]:
+        """The gradient buffer of keys (slot 0) or values (slot 1), allocated once per step, and how many
+        of its first tokens hold a sum."""
+        if self.gradients[slot] is None:
+            stored = self.stored[slot]
+            home = {"device": "cpu", "pin_memory": self.device.type == "cuda"} if self.offload else {"device": stored.device}
+            self.gradients[slot] = time_major(*stored.shape, dtype=stored.dtype, **home)
+        return self.gradients[slot], self.summed[slot]
+
+    def mark_summed(self, slot: int, length: int) -> None:
+        self.summed[slot] = max(self.summed[slot], length)
+
     def accumulate(self, slot: int, gradient: torch.Tensor) -> None:
         """Add a gradient for the first `gradient.shape[-2]` tokens of keys (slot 0) or values (slot 1)."""
-        if self.gradients[slot] is None:
-            self.gradients[slot] = torch.zeros_like(self.stored[slot])
-        self.gradients[slot][:, :, : gradient.shape[-2]] += gradient.to(self.gradients[slot].device)
+        if self.streamer is not None:
+            self.streamer.synchronize()  # the host is about to touch buffers the side stream may be writing
+        buffer, summed = self.gradient_buffer(slot)
+        length = gradient.shape[-2]
+        gradient = gradient.to(buffer.device)
+        if summed:
+            buffer[:, :, : min(summed, length)] += gradient[:, :, :summed]
+        if length > summed:
+            buffer[:, :, summed:length] = gradient[:, :, summed:]
+        self.mark_summed(slot, length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Take this chunk's keys/values `[B, H_kv, c, D]`; return views of past + new, `[B, H_kv, S_past + c, D]`."""
@@ -107,18 +155,48 @@ class ChunkLayer(CacheLayerMixin):
             with torch.no_grad():  # stage 1: plain writes; the slots are what stage 2 rebuilds on
                 for buffer, states in zip(self.stored, (key_states, value_states)):
                     buffer[:, :, start:end] = states
-            return self.stored[0][:, :, :end], self.stored[1][:, :, :end]
-        self.fresh = (key_states, value_states)
-        keys = _PastAndChunk.apply(key_states, self.stored[0], self, 0, start)
-        values = _PastAndChunk.apply(value_states, self.stored[1], self, 1, start)
+            keys, values = self.stored[0][:, :, :end], self.stored[1][:, :, :end]
+        else:
+            self.fresh = (key_states, value_states)
+            keys = _PastAndChunk.apply(key_states, self.stored[0], self, 0, start)
+            values = _PastAndChunk.apply(value_states, self.stored[1], self, 1, start)
+        if self.offload:
+            self._hand_over(keys, values, key_states, value_states)
         return keys, values
+
+    def _hand_over(self, keys, values, key_states, value_states) -> None:
+        """Offload: let the attention stream the past itself (see `chunkwise.offload`)."""
+        following = self.next_layer
+        hand_over(keys, values, OffloadedPast(
+            keys=self.stored[0],
+            values=self.stored[1],
+            length=self.past_length,
+            fresh_keys=key_states.to(self.stored[0].dtype),  # rounded as the stored copy is
+            fresh_values=value_states.to(self.stored[1].dtype),
+            sink=None if self.record else self,
+            streamer=self.streamer,
+            next_layer=tuple(following.stored) if following is not None and following.is_initialized else None,
+        ))
 
     def relay(self, start: int, end: int) -> list[torch.Tensor | None]:
         """dL/d(keys), dL/d(values) of tokens [start, end) gathered from later chunks (None: none arrived).
 
-        On the model's device, also when the gradient buffers are offloaded to the host.
+        On the model's device and in the dtype the model makes them, also when the buffers are
+        offloaded or narrower (autocast).
         """
-        return [None if g is None else g[:, :, start:end].to(self.device) for g in self.gradients]
+        if self.streamer is not None:
+            self.streamer.order_after_copies()  # gradient blocks may still be on their way to the host
+        relayed = []
+        for g, summed, dtype in zip(self.gradients, self.summed, self.state_dtypes):
+            if g is None:
+                relayed.append(None)
+                continue
+            part = g[:, :, start : max(start, min(end, summed))].to(self.device, dtype, non_blocking=g.is_pinned())
+            if part.shape[-2] < end - start:  # tokens no later chunk sent a gradient to: zero
+                zeros = part.new_zeros(*part.shape[:2], end - start - part.shape[-2], part.shape[-1])
+                part = torch.cat([part, zeros], dim=2)
+            relayed.append(part)
+        return relayed
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.past_length + query_length, 0
@@ -145,6 +223,7 @@ class ChunkCache(Cache):
         self.offload = offload
         self._chunk_lengths: list[int] = []
         self._freed: set[int] = set()
+        self._streamer: BlockStreamer | None = None  # offload: created with the first layer (its device)
         # (number of past chunks, their total length, record?) for the next forward; see prepare().
         self._mode: tuple[int, int, bool] = (0, 0, True)
 
@@ -176,8 +255,12 @@ class ChunkCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # Layers are created on first use; a new one follows the mode prepare() set.
+        if self.offload and self._streamer is None:
+            self._streamer = BlockStreamer(key_states.device)
         while len(self.layers) <= layer_idx:
-            self.layers.append(ChunkLayer(self.total_length, self.offload))
+            self.layers.append(ChunkLayer(self.total_length, self.offload, self._streamer))
+            if len(self.layers) > 1:
+                self.layers[-2].next_layer = self.layers[-1]
             self._configure(self.layers[-1])
         return self.layers[layer_idx].update(key_states, value_states)
 

@@ -147,11 +147,22 @@ def bench(
     seed: int = 0,
     attention: str = "chunkwise",
     offload_kv: bool = False,
+    suite: str | None = None,
+    dry_run: bool = False,
 ) -> int:
     """Benchmark step time and peak memory per method and length; write bench.md/json/png to `output`.
 
+    With `suite="gpu"`: the one-shot GPU suite (`chunkwise.gpu_suite`) instead, writing suite.json and
+    suite.md to `output`; `dry_run` runs it on CPU with a tiny model.
+
     Returns 0 when every case ran or ran out of memory, 1 when a case failed otherwise.
     """
+    if suite is not None:
+        from .gpu_suite import run as run_suite
+
+        return run_suite(output=output, dry_run=dry_run, device=None if device == "auto" else device)
+    if dry_run:
+        raise UsageError("--dry-run goes with --suite gpu")
     from .bench import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
 
     if device == "auto":
@@ -304,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--attention", choices=["chunkwise", "model"], default="chunkwise", help="seco/spaco attention: chunkwise (default; no repeated KV heads or mask kept for backward) or the model's own")
     run.add_argument("--offload-kv", action="store_true", help="seco/spaco: KV cache and its gradient in host memory")
+    run.add_argument("--suite", choices=["gpu"], default=None, help="run the one-shot GPU suite (<= 8 minutes on one GPU; writes suite.json/suite.md to --output) instead of a grid; see docs/benchmarks.md")
+    run.add_argument("--dry-run", action="store_true", help="with --suite gpu: the same cases on CPU with a tiny model, a smoke test")
 
     fit = commands.add_parser(
         "train",
@@ -355,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--log-every", type=int, help="print a progress line every N steps when not on a terminal (default 10)")
     fit.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     fit.add_argument("--allow-extrapolation", action="store_true", help="allow --seq-len above the model's position limit")
+    fit.add_argument("--dist-timeout", type=float, help="under torchrun: seconds a rank waits for the others before stopping with an error (default 1800)")
     fit.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     fit.add_argument("--overwrite", action="store_true", help="replace the run in --output")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ METHODS = ("seco", "spaco", "full")
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned
 # (`attention` changes float rounding only, `offload_kv` nothing at all).
-RESUMABLE_CHANGES = {"attention", "offload_kv", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+RESUMABLE_CHANGES = {"attention", "offload_kv", "dist_timeout", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 
 
 class TrainingError(Exception):
@@ -147,6 +148,10 @@ class TrainConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     allow_extrapolation: bool = False
     """Train on sequences longer than the model's position limit (warn instead of refusing)."""
+    dist_timeout: float = 1800.0
+    """Under torchrun: seconds a rank waits in a collective for the others (a crashed, killed or stuck
+    rank) before it stops with an error. It must exceed the longest gap between collectives: one
+    optimizer step, or rank 0 writing a checkpoint. 1800 is torch's and Trainer's default."""
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -203,6 +208,8 @@ class TrainConfig:
             raise ValueError("--offload-kv applies to --method seco or spaco (full backprop keeps no KV cache)")
         if self.sampling not in SAMPLERS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLERS)}, got {self.sampling!r}")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.adam_beta2 < 1:
@@ -407,8 +414,28 @@ def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=config.dist_timeout)
+        )
     return Distributed(torch.distributed.get_rank(), world_size), device
+
+
+def is_lost_rank(error: BaseException) -> bool:
+    """True for a collective that failed because another rank is gone or silent past the timeout.
+
+    nccl raises `torch.distributed.DistError`s; gloo raises plain RuntimeErrors from its transport
+    ("Connection closed by peer", "Timed out waiting ... for recv"), recognisable by gloo's source path.
+    """
+    return isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+def lost_rank_error(error: BaseException, dist: Distributed, config: TrainConfig) -> TrainingError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(
+        f"rank {dist.rank} of {dist.world_size} stopped: it lost contact with another rank, which crashed, was "
+        f"killed, or did not answer within --dist-timeout {config.dist_timeout:g} s (see that rank's output above). "
+        f"Checkpoints already written in {config.output} are intact; continue with --resume. [{reason}]"
+    )
 
 
 # ----- one optimizer step -----------------------------------------------------------------------------
@@ -559,7 +586,22 @@ class StopRequest:
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) training as `config` says; see the module docstring."""
     config = config.resolved()
+    joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist, device = init_distributed(config)
+    try:
+        result = _train_on_this_rank(config, dist, device, log)
+    except (RuntimeError, torch.distributed.DistError) as error:
+        if dist.world_size > 1 and is_lost_rank(error):
+            raise lost_rank_error(error, dist, config) from error
+        raise
+    if dist.world_size > 1 and joined_here:
+        # Leave the group we joined explicitly, every rank done, rather than at interpreter exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.device, log: Callable[[str], None]) -> TrainResult:
     output = check_output(config)
     if config.resume and dist.is_main:
         check_resume_settings(config, output, log)

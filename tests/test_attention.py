@@ -27,6 +27,7 @@ from reference import full_backward, max_relative_error, trainable_grads
 from transformers.integrations.sdpa_attention import repeat_kv
 
 import chunkwise.attention as attention
+import chunkwise.kernels as kernels
 from chunkwise import SeCO, SpaCO
 from chunkwise.attention import ATTENTION_NAME, _BlockedAttention, _SplitAttention, causal_chunk_attention
 from chunkwise.models import build_tiny_model
@@ -91,10 +92,11 @@ def test_kernel_matches_sdpa(implementation, batch, heads, kv_heads, chunk, leng
 
 
 def test_cpu_uses_the_split_kernel(monkeypatch):
+    causal_chunk_attention(*random_inputs(1, 4, 2, 3, 7), 0.5)  # the kernel's first-use check runs here
     used, original = [], _SplitAttention.apply
-    monkeypatch.setattr(attention._SplitAttention, "apply", lambda *args: used.append("split") or original(*args))
+    monkeypatch.setattr(attention._SplitAttention, "apply", lambda *args: used.append(args[-1].name) or original(*args))
     causal_chunk_attention(*random_inputs(1, 4, 2, 3, 7), 0.5)
-    assert used == ["split"]
+    assert used == ["cpu-flash"]
 
 
 @pytest.mark.parametrize("implementation", ["split", "blocked-3"])
@@ -255,8 +257,10 @@ def saved_for_backward(model, input_ids, chunk_size, attention_choice) -> list[t
         saved.append(tensor)
         return tensor
 
+    engine = SeCO(model, chunk_size=chunk_size, attention=attention_choice)
+    engine.backward(input_ids)  # once unrecorded: the kernel's first-use check saves tensors of its own
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        SeCO(model, chunk_size=chunk_size, attention=attention_choice).backward(input_ids)
+        engine.backward(input_ids)
     return saved
 
 
@@ -281,7 +285,8 @@ def test_no_repeated_kv_or_mask_is_kept(attention_choice, kept):
 @pytest.fixture
 def blocked_kernel(monkeypatch):
     """Make the engine use `_BlockedAttention` on CPU too, with small blocks, as it does on other devices."""
-    monkeypatch.setattr(attention, "_cpu_flash", None)
+    monkeypatch.setattr(kernels, "KERNELS", [])  # no fused kernel: the blocked one is the last resort
+    monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(attention, "_MIN_BLOCK", 3)  # 3-key blocks: cuts through every chunk's past and keys
 

@@ -6,13 +6,9 @@ accumulated over all chunks once. The test checks the result equals the mean of 
 gradients computed in one process, and counts the all-reduce calls with a DDP communication hook.
 """
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from multirank import assert_launch_succeeded, run_launcher, run_ranks, torchrun
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,56 +22,45 @@ def rank_batch(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 * step + rank))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank: int) -> dict:
+    """One rank's three steps, in the process group the harness set up; returns what the tests check."""
+    model = build_tiny_model("tiny-llama", dtype=torch.float64, seed=0)
+    ddp = DistributedDataParallel(model)
+    calls = []
 
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = build_tiny_model("tiny-llama", dtype=torch.float64, seed=0)
-        ddp = DistributedDataParallel(model)
-        calls = []
+    ddp.register_comm_hook(None, counting_hook)
+    engine = SeCO(ddp, chunk_size=CHUNK)
+    results = {}
 
-        def counting_hook(state, bucket):
-            calls.append(bucket.index())
-            return allreduce_hook(state, bucket)
+    # Step 1: one micro-batch.
+    engine.backward(rank_batch(rank, 0))
+    results["step1"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results["calls1"] = len(calls)
 
-        ddp.register_comm_hook(None, counting_hook)
-        engine = SeCO(ddp, chunk_size=CHUNK)
-        results = {}
+    # Step 2: gradient accumulation over two micro-batches, the first inside no_sync().
+    model.zero_grad(set_to_none=True)
+    calls.clear()
+    with ddp.no_sync():
+        engine.backward(rank_batch(rank, 1), num_items=2 * (SEQ - 1))
+    results["calls_inside_no_sync"] = len(calls)
+    engine.backward(rank_batch(rank, 2), num_items=2 * (SEQ - 1))
+    results["step2"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results["calls2"] = len(calls)
 
-        # Step 1: one micro-batch.
-        engine.backward(rank_batch(rank, 0))
-        results["step1"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results["calls1"] = len(calls)
-
-        # Step 2: gradient accumulation over two micro-batches, the first inside no_sync().
-        model.zero_grad(set_to_none=True)
-        calls.clear()
-        with ddp.no_sync():
-            engine.backward(rank_batch(rank, 1), num_items=2 * (SEQ - 1))
-        results["calls_inside_no_sync"] = len(calls)
-        engine.backward(rank_batch(rank, 2), num_items=2 * (SEQ - 1))
-        results["step2"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results["calls2"] = len(calls)
-
-        # Step 3: this rank has nothing to predict; it must still join the other rank's all-reduce.
-        model.zero_grad(set_to_none=True)
-        calls.clear()
-        ids = rank_batch(rank, 3)
-        labels = torch.full_like(ids, -100) if rank == 1 else ids
-        engine.backward(ids, labels=labels, num_items=SEQ - 1)
-        results["step3"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results["calls3"] = len(calls)
-        results["buckets"] = len(set(calls))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # Step 3: this rank has nothing to predict; it must still join the other rank's all-reduce.
+    model.zero_grad(set_to_none=True)
+    calls.clear()
+    ids = rank_batch(rank, 3)
+    labels = torch.full_like(ids, -100) if rank == 1 else ids
+    engine.backward(ids, labels=labels, num_items=SEQ - 1)
+    results["step3"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results["calls3"] = len(calls)
+    results["buckets"] = len(set(calls))
+    return results
 
 
 def single_process_grads(batches: list[tuple[torch.Tensor, dict]]) -> dict[str, torch.Tensor]:
@@ -88,9 +73,7 @@ def single_process_grads(batches: list[tuple[torch.Tensor, dict]]) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, start_method="spawn", join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 def assert_mean_of_ranks(ranks, key, per_rank_batches):
@@ -130,16 +113,10 @@ def test_rank_without_targets_still_joins_the_all_reduce(ranks):
         torch.testing.assert_close(ranks[1]["step3"][name], grad / WORLD, rtol=1e-12, atol=1e-15, msg=name)
 
 
-def test_torchrun_example_runs_as_documented():
-    import subprocess
-    import sys
+def test_torchrun_example_runs_as_documented(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "examples/torchrun_seco.py"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "step 4: loss" in result.stdout
+    code, output = run_launcher(torchrun("--nproc_per_node", "2", "examples/torchrun_seco.py"), tmp_path, cwd=root)
+    assert_launch_succeeded(code, output)
+    assert "step 4: loss" in output

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multirank import run_ranks
 from peft import LoraConfig, get_peft_model
 from reference import max_relative_error
 from transformers import Trainer, TrainingArguments
@@ -193,11 +194,9 @@ def test_accumulation_paths_differ(tmp_path):
 # ----- DDP: two CPU processes (gloo) through accelerate -------------------------------------------------
 
 
-def ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2"
-    )
-    torch.set_num_threads(1)
+def ddp_worker(rank: int, out_dir: str) -> dict:
+    # The harness has joined the gloo process group; these variables make accelerate see a 2-process CPU run.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     model = build_tiny_model("tiny-llama", dtype=torch.float64)
     results = {}
     for name, cls in (("plain", Float64LossTrainer), ("chunkwise", ChunkwiseTrainer)):
@@ -207,20 +206,12 @@ def ddp_worker(rank: int, port: int, out_dir: str) -> None:
         trainer = cls(model=m, args=args, train_dataset=ListDataset(make_rows(8)), **extra)
         output = trainer.train()
         results[name] = (params(m), output.training_loss, type(trainer.model_wrapped).__name__)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    return results
 
 
 def test_ddp_step_matches_plain_trainer(tmp_path):
     """Under DDP Trainer counts the targets of all ranks and scales the loss by the number of processes."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_ranks(ddp_worker, 2, tmp_path / "ranks", args=(str(tmp_path),))
     before = params(build_tiny_model("tiny-llama", dtype=torch.float64))
     for rank in ranks:
         (plain, plain_loss, wrapper), (chunk, chunk_loss, _) = rank["plain"], rank["chunkwise"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multirank import assert_launch_succeeded, run_launcher, torchrun
 from safetensors.torch import load_file
 
 from chunkwise.checkpoint import latest_checkpoint
@@ -347,22 +348,16 @@ def test_non_finite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch
 
 
 def test_torchrun_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
-    common = ["--seq-len", "48", "--chunk-size", "16", "--steps", "2", "--dtype", "float64", "--eval-every", "0", "--no-progress"]
+    common = ["--seq-len", "48", "--chunk-size", "16", "--steps", "2", "--dtype", "float64", "--eval-every", "0", "--no-progress", "--dist-timeout", "60"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "chunkwise.cli", "train", *common, "--batch-size", "2", "--output", str(tmp_path / "one")],
                    check=True, capture_output=True, env=environment)
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "chunkwise.cli", "train", *common, "--batch-size", "1", "--output", str(tmp_path / "two")],
-        capture_output=True, text=True, env=environment, timeout=300,
+    code, output = run_launcher(
+        torchrun("--nproc_per_node", "2", "-m", "chunkwise.cli", "train", *common, "--batch-size", "1", "--output", str(tmp_path / "two")),
+        tmp_path / "launch", env=environment,
     )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "x 2 ranks" in launched.stdout
+    assert_launch_succeeded(code, output)
+    assert "x 2 ranks" in output
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-12)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
