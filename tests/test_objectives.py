@@ -8,7 +8,7 @@ What is checked (float64, 1e-10 relative):
 
 * DPO (sigmoid), IPO (length-normalised as TRL, and the paper's summed form), SimPO, and GRPO with each
   normalisation (per-sequence mean, per-token over the batch, fixed length), with old log-probs that
-  make the clip active and a KL term to a reference;
+  make the clip active and a KL term to a reference (and once without the KL term);
 * on Llama, Qwen3 and Mistral (sliding window 8), full fine-tuning with a separate reference model and
   LoRA with the adapter-disabled base as reference; one chunk and chunks of 5 tokens that cut through
   prompts and responses; right-padded rows of different lengths.
@@ -141,7 +141,7 @@ def assert_close(out, grads, ref_loss, ref_grads, what):
     assert error <= TOL, f"{what}: gradient error {error:.3g}"
 
 
-LOSSES = ["dpo", "ipo", "ipo-summed", "simpo", "grpo-sequence", "grpo-token", "grpo-fixed"]
+LOSSES = ["dpo", "ipo", "ipo-summed", "simpo", "grpo-sequence", "grpo-token", "grpo-fixed", "grpo-token-nokl"]
 
 
 def case(loss_name, policy, reference, reference_logps):
@@ -156,6 +156,7 @@ def case(loss_name, policy, reference, reference_logps):
         old = current + noise
         assert ((torch.exp(current - old) - 1).abs() > 0.2).logical_and(labels[:, 1:] != -100).sum() >= 5
         normalization = loss_name.split("-")[1]
+        beta = 0.0 if loss_name.endswith("nokl") else 0.04  # the KL term is optional: no reference without it
         if normalization == "token":  # per-token advantages in this case, per-sequence in the others
             advantages = torch.randn(ids.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         else:
@@ -163,12 +164,12 @@ def case(loss_name, policy, reference, reference_logps):
         max_length = 16 if normalization == "fixed" else None
         weighted = normalization == "fixed"  # the ratio-weighted KL in one of the three
         old_labels_aligned = F.pad(old, (1, 0))  # chunkwise takes per-token tensors aligned with labels
-        objective = GRPO(advantages=advantages, old_logps=old_labels_aligned, reference=reference, beta=0.04,
+        objective = GRPO(advantages=advantages, old_logps=old_labels_aligned, reference=reference if beta else None, beta=beta,
                          epsilon=0.2, normalization=normalization, max_length=max_length, kl_ratio_weighted=weighted)
 
         def plain():
             logps = full_token_logps(policy, ids, mask, labels)
-            return grpo_loss(logps, old, ref, advantages, labels, beta=0.04, eps=0.2, normalization=normalization,
+            return grpo_loss(logps, old, ref, advantages, labels, beta=beta, eps=0.2, normalization=normalization,
                              max_length=max_length, kl_ratio_weighted=weighted)
 
         return (ids, mask, labels), objective, plain
