@@ -192,7 +192,10 @@ def test_grpo_step_equals_trl_loss_gradient(tmp_path, loss_type, lora):
     if not lora:  # TRL loads the reference from the model's folder: the saved starting point
         model.save_pretrained(tmp_path / "start")
         model = type(model).from_pretrained(tmp_path / "start", dtype=torch.float64)
+    # Two accumulation steps (= steps_per_generation): TRL generates for both at once and divides the loss by 2
+    # (dapo: by its token count over the generation batch, rescaled to one micro-batch).
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                          gradient_accumulation_steps=2,
                           max_completion_length=6, beta=0.05, epsilon=0.1, num_iterations=2, loss_type=loss_type,
                           temperature=0.9, use_bias_correction_kl=bias_correction, **COMMON)
     trainer = ChunkwiseGRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=prompt_dataset(),
@@ -218,19 +221,24 @@ def test_grpo_step_equals_trl_loss_gradient(tmp_path, loss_type, lora):
         gap = inputs["ref_per_token_logps"] - logps
         kl = torch.exp(gap) - gap - 1
         per_token = per_token + args.beta * (kl * ratio if args.use_bias_correction_kl else kl)
+        steps = args.gradient_accumulation_steps
         if loss_type == "grpo":
-            return ((per_token * completion).sum(-1) / completion.sum(-1).clamp(min=1.0)).mean()
+            return ((per_token * completion).sum(-1) / completion.sum(-1).clamp(min=1.0)).mean() / steps
         if loss_type == "bnpo":
-            return (per_token * completion).sum() / completion.sum().clamp(min=1.0)
+            return (per_token * completion).sum() / completion.sum().clamp(min=1.0) / steps
         if loss_type == "dr_grpo":
-            return (per_token * completion).sum() / (per_token.shape[0] * args.max_completion_length)
-        return (per_token * completion).sum() / inputs["num_items_in_batch"].clamp(min=1.0)  # dapo, one process
+            return (per_token * completion).sum() / (per_token.shape[0] * args.max_completion_length) / steps
+        # dapo, one process: num_items_in_batch counts the generation batch's tokens
+        return (per_token * completion).sum() / (inputs["num_items_in_batch"].clamp(min=1.0) * steps / args.steps_per_generation)
 
     def trl_loss():
         return trl.GRPOTrainer.compute_loss(trainer, model, inputs)
 
-    # The second of num_iterations=2 steps on this generation: TRL's _prepare_inputs hands out the buffered batch.
-    trainer._step = 1
+    # A later step on this generation (num_iterations=2): TRL's _prepare_inputs hands out the buffered micro-batch
+    # _step % steps_per_generation, the one in `inputs`, without generating again.
+    assert args.steps_per_generation == 2 and inputs["advantages"].shape[0] == 4
+    assert inputs["num_items_in_batch"] > inputs["completion_mask"].sum(), "num_items_in_batch spans the generation batch"
+    trainer._step = 2
     reported, expected = compare(trainer, model, inputs, plain_loss, trl_loss)
     assert reported.item() == pytest.approx(expected, rel=TOL)
 
