@@ -105,12 +105,16 @@ def preference_dataset():
     return Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("loss_type, lora", [("sigmoid", False), ("ipo", True)], ids=["dpo-full-ref-model", "ipo-lora-ref-adapter"])
-def test_dpo_step_equals_trl_loss_gradient(tmp_path, loss_type, lora):
+@pytest.mark.parametrize(
+    "loss_type, lora, precompute",
+    [("sigmoid", False, False), ("ipo", True, False), ("sigmoid", False, True)],
+    ids=["dpo-full-ref-model", "ipo-lora-ref-adapter", "dpo-precomputed-ref"],
+)
+def test_dpo_step_equals_trl_loss_gradient(tmp_path, loss_type, lora, precompute):
     model = policy_model(lora)
     ref_model = None if lora else build_tiny_model("demo-llama", dtype=torch.float64, seed=1)
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         beta=0.3, loss_type=[loss_type], max_length=None, **COMMON)
+                         beta=0.3, loss_type=[loss_type], max_length=None, precompute_ref_log_probs=precompute, **COMMON)
     trainer = ChunkwiseDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=preference_dataset(),
                                   processing_class=tokenizer(), chunkwise=ChunkwiseConfig(chunk_size=5))
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -118,7 +122,10 @@ def test_dpo_step_equals_trl_loss_gradient(tmp_path, loss_type, lora):
 
     ids, mask, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
     with torch.no_grad():
-        if lora:  # TRL keeps a copy of a pre-trained adapter as the "ref" adapter; let the trained one move away
+        if precompute:  # TRL's reference pass over the dataset, before training: the batch carries its results
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+            perturb(model)  # the policy has moved away from the reference since
+        elif lora:  # TRL keeps a copy of a pre-trained adapter as the "ref" adapter; let the trained one move away
             perturb(model)
             with use_adapter(model, "ref"):
                 ref = completion_logps(model, ids, mask, completion).sum(1)
