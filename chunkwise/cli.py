@@ -2,6 +2,7 @@
 
     chunkwise verify --model tiny-llama --seq-len 256 --chunk-size 32
     chunkwise bench --lengths 1024,2048,4096 --output bench-results
+    chunkwise plan --model meta-llama/Llama-3.1-8B --seq-len 32768 --memory 80GiB
     chunkwise train                      # the built-in demo; see `chunkwise train --help`
     chunkwise eval --model runs/chunkwise
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
+from .plan import parse_bytes  # noqa: F401  (also `chunkwise bench`'s byte options)
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Default pass/fail line per dtype. Differences from chunking are rounding only (Llama-like models show
@@ -102,16 +103,14 @@ def verify(
     return 1
 
 
-# Binary units, as memory is counted: 1K = 1024 bytes.
-_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_bytes(text: str, option: str) -> int:
-    """`1073741824`, `1024M`, `1GiB`, `1.5G` -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"{option} must be a positive number of bytes such as 2147483648, 2048M or 2GiB; got {text!r}")
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).upper()])
+def _chunk_size_option(text: str) -> int | str:
+    """argparse type of --chunk-size: a number of tokens, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of tokens or auto, got {text!r}") from None
 
 
 def _parse_list(text: str, option: str, convert=str) -> tuple:
@@ -203,6 +202,114 @@ def bench(
     for result in failed:
         print(f"{result.case.method} @ {result.case.seq_len}: {result.status}: {result.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def plan(
+    *,
+    model: str,
+    seq_len: int | None = None,
+    memory: str | None = None,
+    chunk_size: int | str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    lora_r: int | None = None,
+    lora_targets: str = "q_proj,v_proj",
+    batch_size: int = 1,
+    attention: str = "chunkwise",
+    as_json: bool = False,
+) -> int:
+    """`chunkwise plan`: each method's predicted peak memory, from the model's config alone.
+
+    Returns 0, or 1 when `seq_len` fits the budget with no method.
+    """
+    import json
+
+    from .models import DEMO_MODEL
+    from .plan import Budget, ModelShape, Training, build_report, device_budget
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N (the device to plan for), got {device!r}")
+    device_type = device.split(":")[0]
+    precision = dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    lora_r = (0 if model == DEMO_MODEL else 8) if lora_r is None else lora_r
+    targets = tuple(name.strip() for name in lora_targets.split(",") if name.strip())
+    training = Training.from_precision(precision, device_type=device_type, lora_r=lora_r, lora_targets=targets,
+                                       batch_size=batch_size, attention=attention)
+    shape = ModelShape.from_name(model)
+    if memory is not None:
+        budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
+    elif device_type == "cpu" or torch.cuda.is_available():
+        budget = device_budget(torch.device(device))
+    else:
+        budget = None
+    report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=budget)
+    fits = report.budget is None or not report.plans or any(report.budget.admits(p, device_type) for p in report.plans)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        _print_plan(report, device)
+    if not fits:
+        print(f"chunkwise plan: {seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
+    return 0 if fits else 1
+
+
+def _print_plan(report, device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plan import LONGEST_SEARCH_LIMIT, describe_parts, format_size
+
+    shape, training, budget = report.shape, report.training, report.budget
+
+    def size(count: int | None) -> str:
+        return format_size(count) if count else "–"
+
+    trained = f"LoRA r={training.lora_r} on {','.join(training.lora_targets)}" if training.lora else "all parameters trained"
+    console = Console(width=170)
+    console.print(f"[bold]chunkwise plan[/]: {shape.name} ({shape.model_type}, {shape.parameters / 1e6:,.1f}M parameters, "
+                  f"{trained}), {training.precision} on {device}, AdamW; batch {training.batch_size}")
+    if report.plans:
+        table = Table(title=f"predicted peak memory at {report.seq_len} tokens", title_justify="left")
+        for column in ("method", "chunk", "weights", "gradients", "optimizer", "KV cache", "KV grad", "activations",
+                       "logits+loss", "other", "peak", "host", "peak at", "fits"):
+            table.add_column(column, justify="left" if column in ("method", "peak at") else "right")
+        for plan in report.plans:
+            parts = plan.parts
+            fits = "–" if budget is None else ("yes" if budget.admits(plan, training.device_type) else "[red]no[/]")
+            table.add_row(plan.method, str(plan.chunk_size or "–"), size(parts.get("weights", 0) + parts.get("weight_copies", 0)),
+                          size(parts.get("gradients")), size(parts.get("optimizer")), size(parts.get("kv_cache")),
+                          size(parts.get("kv_gradient")), size(parts.get("activations")), size(parts.get("logits_loss")),
+                          size(parts.get("attention_backward", 0) + parts.get("optimizer_step", 0)), size(plan.peak),
+                          size(plan.host), plan.phase, fits)
+        console.print(table)
+        console.print("Columns hold what is allocated at the peak: full and ckpt peak in the loss's backward, before any "
+                      "gradient exists; \"other\" is the attention's backward over the past or AdamW's step; weights include "
+                      "autocast's low-precision copies. Derivation and validation: docs/plan.md.")
+    if budget is not None:
+        console.print(f"budget: {budget.describe()}")
+        if report.recommended is not None:
+            plan = report.recommended
+            offload = "needed (the KV cache does not fit beside the rest)" if plan.method == "seco+offload" else "not needed"
+            console.print(f"recommended (--chunk-size auto): {plan.method} with {plan.chunk_size}-token chunks, peak "
+                          f"{size(plan.peak)}; offload {offload}")
+            console.print(f"  {describe_parts(plan)}")
+        elif report.seq_len is not None:
+            console.print(f"[red]{report.seq_len} tokens do not fit[/] with SeCO even with the KV cache offloaded")
+        table = Table(title="longest sequence within the budget", title_justify="left")
+        for column in ("method", "longest length", "chunk", "peak"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for method, plan in report.longest.items():
+            if plan is None:
+                table.add_row(method, "none", "–", "–")
+            elif plan.seq_len >= LONGEST_SEARCH_LIMIT:  # the device part stopped growing: host memory decides
+                table.add_row(method, f"≥ {plan.seq_len:,} (device flat)", str(plan.chunk_size or "–"), size(plan.peak))
+            else:
+                table.add_row(method, f"{plan.seq_len:,}", str(plan.chunk_size or "–"), size(plan.peak))
+        console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
 
 
 def train(given: dict) -> int:
@@ -318,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suite", choices=["gpu"], default=None, help="run the one-shot GPU suite (<= 8 minutes on one GPU; writes suite.json/suite.md to --output) instead of a grid; see docs/benchmarks.md")
     run.add_argument("--dry-run", action="store_true", help="with --suite gpu: the same cases on CPU with a tiny model, a smoke test")
 
+    estimate = commands.add_parser(
+        "plan",
+        help="predict the peak memory of each method from the model's config (no weights loaded)",
+        description="Predict a training step's peak memory for full backprop, layer checkpointing, SeCO, SpaCO and "
+        "SeCO with the KV cache offloaded, broken into weights, gradients, optimizer state, KV cache and its "
+        "gradient, activations and logits/loss. With --memory (or on this machine's device), also the chunk size "
+        "--chunk-size auto would pick and the longest sequence each method fits. Only the config is read.",
+    )
+    estimate.add_argument("--model", required=True, help="hub id, local model folder, or tiny preset (only its config is read)")
+    estimate.add_argument("--seq-len", type=int, default=None, help="tokens per sequence: the breakdown at this length")
+    estimate.add_argument("--memory", default=None, metavar="BYTES", help="the device's memory, e.g. 24GiB: the longest length and the chunk that fit (default: this machine's free memory on --device, if it has one)")
+    estimate.add_argument("--chunk-size", type=_chunk_size_option, default="auto", help="tokens per chunk for seco/spaco (default auto: the largest that fits, else 1024)")
+    estimate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"], default="auto", help="as chunkwise train runs it (auto: bfloat16 autocast on cuda, float32 on cpu)")
+    estimate.add_argument("--device", default="auto", help="cuda or cpu: the device to plan for (default: cuda if this machine has one)")
+    estimate.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default 8, as chunkwise train with --model)")
+    estimate.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names for LoRA (default q_proj,v_proj)")
+    estimate.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    estimate.add_argument("--attention", choices=["chunkwise", "model"], default="chunkwise", help="the engines' attention (default chunkwise)")
+    estimate.add_argument("--json", dest="as_json", action="store_true", help="print the plan as JSON")
+
     fit = commands.add_parser(
         "train",
         help="fine-tune a causal LM chunk by chunk (with no options: the built-in CPU demo)",
@@ -335,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ref-model", help="dpo/ipo reference model: hub id, folder or preset (default: the base model with the LoRA adapter disabled; full fine-tuning: a frozen copy of --model)")
     fit.add_argument("--chosen-field", help="preference data: field with the preferred response (default chosen; the prompt is --prompt-field, default prompt)")
     fit.add_argument("--rejected-field", help="preference data: field with the dispreferred response (default rejected)")
-    fit.add_argument("--chunk-size", type=int, help="tokens per chunk (default 1024; demo 512)")
+    fit.add_argument("--chunk-size", type=_chunk_size_option, help="tokens per chunk, or auto: the largest that fits the device's free memory less 10%% (default 1024; demo 512)")
+    fit.add_argument("--memory", metavar="BYTES", help="with --chunk-size auto: plan for this much memory (e.g. 24GiB) instead of the device's free memory")
     fit.add_argument("--budget", type=int, help="SpaCO: chunks backpropagated per step")
     fit.add_argument("--sampling", choices=["uniform", "bernoulli"], help="SpaCO chunk selection (default uniform)")
     fit.add_argument("--max-compensation", type=float, help="SpaCO: cap on the compensation factor (the paper: 2.0)")
@@ -410,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench(**options)
         if args.command == "train":
             return train(options)
+        if args.command == "plan":
+            return plan(**options)
         if args.command == "eval":
             as_json = options.pop("as_json")
             return evaluate(options, as_json=as_json)

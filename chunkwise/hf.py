@@ -31,7 +31,8 @@ from .batch import default_labels
 from .engine import ChunkwiseOutput, SeCO, SpaCO
 from .evaluate import chunked_loss_sum
 from .loss import count_targets
-from .models import inspect_causal_lm
+from .models import inspect_causal_lm, unwrap_causal_lm
+from .plan import parse_bytes
 from .sampling import SAMPLERS, ChunkSampler, make_sampler
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ class ChunkwiseConfig:
 
     method: str = "seco"
     """"seco" (exact gradient, every chunk backpropagated) or "spaco" (a sampled subset of the chunks)."""
-    chunk_size: int = 1024
-    """Tokens per chunk; activation memory is that of one chunk. Also the chunk size of evaluation."""
+    chunk_size: int | str = 1024
+    """Tokens per chunk; activation memory is that of one chunk. Also the chunk size of evaluation.
+    "auto": for each batch shape, the largest chunk that fits the device's free memory (plus what the
+    model, its gradients and optimizer state already hold) less a 10% margin (`chunkwise.plan`)."""
     budget: int | None = None
     """SpaCO only, required there: chunks backpropagated per step (on average, for "bernoulli")."""
     sampling: str = "uniform"
@@ -63,14 +66,20 @@ class ChunkwiseConfig:
     """"chunkwise" (the engine's attention for SDPA models; less memory per token) or "model" (see `SeCO`)."""
     offload_kv: bool = False
     """Keep the KV cache and its gradient in host memory, streamed to the device block by block (see `SeCO`)."""
+    memory: int | str | None = None
+    """With chunk_size="auto": plan for this much device memory (bytes, or "24GiB") instead of its free memory."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ChunkwiseConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"ChunkwiseConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"ChunkwiseConfig.chunk_size must be a positive integer (tokens per chunk), got {self.chunk_size!r}")
+        if self.chunk_size != "auto" and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"ChunkwiseConfig.chunk_size must be a positive integer (tokens per chunk) or 'auto', got {self.chunk_size!r}")
+        if self.memory is not None:
+            if self.chunk_size != "auto":
+                raise ValueError("ChunkwiseConfig.memory is the budget of chunk_size='auto'; set chunk_size='auto' or drop memory")
+            parse_bytes(str(self.memory), "ChunkwiseConfig.memory")
         if self.sampling not in SAMPLERS:
             raise ValueError(f"ChunkwiseConfig.sampling must be one of {tuple(SAMPLERS)}, got {self.sampling!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -95,6 +104,36 @@ class ChunkwiseConfig:
             return None
         seed = default_seed if self.seed is None else self.seed
         return make_sampler(self.sampling, budget=self.budget, max_compensation=self.max_compensation, seed=seed)
+
+
+def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *, batch_size: int, seq_len: int,
+                   autocast: bool, device: torch.device):
+    """The planner's step for a loaded model (`chunk_size="auto"`): the largest chunk that fits.
+
+    What trains (LoRA rank and targets, or everything) and the element sizes are read from the model's
+    parameters; the budget is the device's free memory plus what the parameters, gradients and optimizer
+    state already hold (the plan counts them), or `config.memory`.
+    """
+    from .plan import ModelShape, Training, device_budget, fit_chunk_size
+
+    named = list(model.named_parameters())
+    trained = [p for _, p in named if p.requires_grad]
+    frozen = [p for _, p in named if not p.requires_grad] or trained
+    adapters = [(name, p) for name, p in named if ".lora_A." in name]
+    lora = {}
+    if adapters:  # "...layers.0.self_attn.q_proj.lora_A.default.weight": rank 8 on q_proj
+        lora = dict(lora_r=adapters[0][1].shape[0], lora_targets=tuple({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name, _ in adapters}))
+    training = Training(param_bytes=trained[0].element_size(), frozen_bytes=frozen[0].element_size(),
+                        autocast_bytes=2 if autocast else None, batch_size=batch_size, attention=config.attention,
+                        device_type=device.type, **lora)
+    held = {t.data_ptr(): t.nbytes for _, p in named for t in (p, p.grad) if t is not None}
+    for state in getattr(optimizer, "state", {}).values():
+        held.update({t.data_ptr(): t.nbytes for t in state.values() if isinstance(t, torch.Tensor)})
+    memory = None if config.memory is None else parse_bytes(str(config.memory), "ChunkwiseConfig.memory")
+    budget = device_budget(device, memory=memory, held=0 if memory else sum(held.values()))
+    lm = unwrap_causal_lm(model)
+    method = "seco+offload" if config.offload_kv else config.method
+    return fit_chunk_size(ModelShape.from_config(lm.config, name=type(lm).__name__), training, seq_len=seq_len, budget=budget, method=method)
 
 
 # ----- options that cannot work chunk-wise ----------------------------------------------------------
@@ -315,6 +354,7 @@ class ChunkwiseTrainerMixin:
         self.chunkwise_output: ChunkwiseOutput | None = None  # what the last training step's engine reported
         self._chunkwise_engine = None
         self._chunkwise_engine_model = None
+        self._chunkwise_auto_chunks: dict[tuple[int, int], int] = {}  # chunk_size="auto": (batch, length) -> chunk
 
     def _check_trainer_setup(self) -> None:
         """Refusals that only the built Trainer can see (accelerate's environment, Trainer arguments, the model)."""
@@ -346,16 +386,41 @@ class ChunkwiseTrainerMixin:
 
     # ----- training ----------------------------------------------------------------------------------
 
-    def chunkwise_engine(self, model: torch.nn.Module) -> SeCO:
-        """The engine for `model` (as Trainer passes it: maybe DDP- or PEFT-wrapped), built on first use."""
-        if self._chunkwise_engine is None or self._chunkwise_engine_model is not model:
-            options = dict(chunk_size=self.chunkwise.chunk_size, attention=self.chunkwise.attention, offload_kv=self.chunkwise.offload_kv)
+    def chunkwise_engine(self, model: torch.nn.Module, chunk_size: int | None = None) -> SeCO:
+        """The engine for `model` (as Trainer passes it: maybe DDP- or PEFT-wrapped), built on first use
+        (and again for another `chunk_size`, which chunk_size="auto" picks per batch shape)."""
+        engine = self._chunkwise_engine
+        if chunk_size is None and self.chunkwise.chunk_size == "auto":  # the chunk the last batch shape got
+            if engine is None:
+                raise ValueError("chunk_size='auto' is decided per batch: pass chunkwise_chunk_size(model, batch)")
+            chunk_size = engine.chunk_size
+        chunk_size = chunk_size or self.chunkwise.chunk_size
+        if engine is None or self._chunkwise_engine_model is not model or engine.chunk_size != chunk_size:
+            options = dict(chunk_size=chunk_size, attention=self.chunkwise.attention, offload_kv=self.chunkwise.offload_kv)
             if self.chunkwise.method == "seco":
                 engine = SeCO(model, **options)
             else:
                 engine = SpaCO(model, sampling=self.chunkwise_sampler, **options)
             self._chunkwise_engine, self._chunkwise_engine_model = engine, model
         return self._chunkwise_engine
+
+    def chunkwise_chunk_size(self, model: torch.nn.Module, batch: dict) -> int:
+        """`ChunkwiseConfig.chunk_size`, or with "auto" the planner's largest chunk that fits this batch's shape.
+
+        Raises:
+            chunkwise.plan.PlanError: with "auto", when the batch fits with no chunk size; the message has
+                the planner's numbers.
+        """
+        if self.chunkwise.chunk_size != "auto":
+            return self.chunkwise.chunk_size
+        tokens = batch["input_ids"] if batch.get("input_ids") is not None else batch["inputs_embeds"]
+        key = tuple(tokens.shape[:2])
+        if key not in self._chunkwise_auto_chunks:
+            plan = plan_for_model(model, self.optimizer, self.chunkwise, batch_size=key[0], seq_len=key[1],
+                                  autocast=self.args.bf16, device=tokens.device)
+            self._chunkwise_auto_chunks[key] = plan.chunk_size
+            logger.info(f"chunk_size='auto': {plan.chunk_size} tokens for batches of {key[0]} x {key[1]}")
+        return self._chunkwise_auto_chunks[key]
 
     def chunkwise_inputs(self, inputs: dict) -> dict:
         """Map a collated batch to `engine.backward` arguments; override for other batch layouts."""
@@ -397,7 +462,7 @@ class ChunkwiseTrainerMixin:
         batch = self.chunkwise_inputs(self._prepare_inputs(inputs))
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         num_items = self._chunkwise_normaliser(num_items_in_batch, batch["labels"], steps)
-        engine = self.chunkwise_engine(model)
+        engine = self.chunkwise_engine(model, self.chunkwise_chunk_size(model, batch))
         # accelerate's mixed-precision patch covers model.forward only; stage 1 calls the decoder body
         # directly. Autocast around the whole call runs both stages at the same precision.
         with self.compute_loss_context_manager(), self.accelerator.autocast():
@@ -429,7 +494,7 @@ class ChunkwiseTrainerMixin:
         batch = self.chunkwise_inputs(inputs)
         handle = inspect_causal_lm(model)
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-            total = chunked_loss_sum(handle, batch, chunk_size=self.chunkwise.chunk_size)
+            total = chunked_loss_sum(handle, batch, chunk_size=self.chunkwise_chunk_size(model, batch))
         if num_items_in_batch is None:
             normaliser = count_targets(batch["labels"])  # 0 gives NaN, as Trainer's own mean loss does
         else:

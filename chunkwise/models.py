@@ -200,19 +200,62 @@ def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: i
     return model.to(dtype)
 
 
+def _local_model_path(name_or_path: str) -> Path | None:
+    """The folder `name_or_path` names, None for a hub id; FileNotFoundError for a path that does not exist.
+
+    A name that starts like a path (`.`, `/`, `~`) or exists on disk is a path, whatever else it looks like.
+    """
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+    if not looks_local:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} {what}; give a directory saved with save_pretrained(), "
+            f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
+        )
+    return path
+
+
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id."""
     if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
         return build_tiny_model(name_or_path, dtype=dtype, seed=seed)
     from transformers import AutoModelForCausalLM
 
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"model path {name_or_path!r} does not exist; give a directory saved with save_pretrained(), "
-            f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
-        )
-    return AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, dtype=dtype)
+    local = _local_model_path(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, dtype=dtype)
+
+
+def load_model_config(name_or_path: str):
+    """The config of `load_causal_lm(name_or_path)`, read without loading any weight.
+
+    A preset's config is built; a folder's is its `config.json` (a LoRA adapter folder's is its base
+    model's, named in `adapter_config.json`); a hub id's comes from the hub (or its local cache).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a folder without a config, or a config that cannot be read; the message says which.
+    """
+    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
+        return _tiny_config(name_or_path)
+    from transformers import AutoConfig
+
+    local = _local_model_path(name_or_path)
+    if local is not None and not (local / "config.json").is_file():
+        adapter = local / "adapter_config.json"
+        if adapter.is_file():
+            import json
+
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if base:
+                return load_model_config(base)
+        raise ValueError(f"{name_or_path} has no config.json: it is not a model folder saved with save_pretrained()")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local else name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read the config of {name_or_path} ({str(error).splitlines()[0]})") from None
 
 
 def load_tokenizer(name_or_path: str):

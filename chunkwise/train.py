@@ -38,7 +38,8 @@ from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batche
 from .batch import chunk_batch
 from .engine import SeCO, SpaCO
 from .loss import chunk_loss_sum, count_targets, shift_labels
-from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_tokenizer, resolve_device, training_dtypes
+from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_model_config, load_tokenizer, resolve_device, training_dtypes
+from .plan import PlanError, describe_parts, format_size, parse_bytes, plan_training_step
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
 from .objectives import OBJECTIVES, Objective, PairedLoss, Policy
@@ -54,7 +55,7 @@ METHODS = ("seco", "spaco", "full")
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned
 # (`attention` changes float rounding only, `offload_kv` nothing at all).
-RESUMABLE_CHANGES = {"attention", "offload_kv", "dist_timeout", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+RESUMABLE_CHANGES = {"attention", "offload_kv", "dist_timeout", "memory", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 
 
 class TrainingError(Exception):
@@ -85,8 +86,11 @@ class TrainConfig:
     ref_model: str | None = None
     """dpo / ipo: the reference model (hub id, folder or preset). Default: the trained model with its LoRA
     adapter disabled, or, for full fine-tuning, a frozen copy of --model."""
-    chunk_size: int | None = None
-    """Tokens per chunk (default 1024; the demo 256)."""
+    chunk_size: int | str | None = None
+    """Tokens per chunk (default 1024; the demo 512), or "auto": the largest that fits the device's free
+    memory less a 10% margin, as `chunkwise plan` predicts it (decided before any weight loads)."""
+    memory: str | None = None
+    """With chunk_size="auto": plan for this much memory ("24GiB") instead of the device's free memory."""
     budget: int | None = None
     """SpaCO: chunks backpropagated per step (required with method="spaco")."""
     sampling: str = "uniform"
@@ -188,6 +192,8 @@ class TrainConfig:
         positive = ("chunk_size", "seq_len", "batch_size", "grad_accum", "steps", "keep_checkpoints", "log_every", "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
+            if name == "chunk_size" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         for name in ("checkpoint_every", "eval_every", "lora_r", "lora_alpha", "seed"):
@@ -222,6 +228,10 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         if self.packing not in PACKING_MODES:
             raise ValueError(f"--packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}")
+        if self.memory is not None:
+            if self.chunk_size != "auto":
+                raise ValueError("--memory sets the budget of --chunk-size auto; add --chunk-size auto or drop --memory")
+            parse_bytes(self.memory, "--memory")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
         self._check_objective()
@@ -266,6 +276,9 @@ class TrainResult:
 def check_output(config: TrainConfig) -> Path:
     """Refuse to mix runs in one directory unless told to resume or overwrite; nothing is written yet."""
     output = Path(config.output).expanduser()
+    blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output {output}: {blocking} is a file, not a directory; choose a directory path for the run")
     if config.resume:
         if not is_run_directory(output):
             raise ValueError(f"--resume: {output} holds no chunkwise run to continue (no {RUN_FILE}); drop --resume to start one")
@@ -302,6 +315,58 @@ def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
                          "resume with the same settings or start a new run")
     if saved.get("steps") != config.steps:
         log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
+
+
+def check_before_loading(config: TrainConfig, output: Path, device: torch.device, dist: Distributed, log) -> TrainConfig:
+    """What the model's config alone decides, before any weight or tokenizer loads: the model exists, the
+    length is within its positions, and `--chunk-size auto` becomes a number (`chunkwise.plan`)."""
+    model_config = load_model_config(config.model)
+    check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
+    check_reference_config(config, model_config)
+    if config.chunk_size != "auto":
+        return config
+    if separate_reference(config):
+        raise ValueError(
+            f"--chunk-size auto does not plan the memory of a separate reference model ({config.ref_model or 'a frozen copy of --model'}); "
+            "give --chunk-size, or train LoRA without --ref-model (the reference is then the base model, adapter disabled)"
+        )
+    if config.resume:  # the run goes on with the chunks it started with
+        return dataclasses.replace(config, chunk_size=read_run_settings(output)["chunk_size"])
+    weights, autocast = training_dtypes(config.dtype, device)
+    try:
+        plan = plan_training_step(
+            model_config, name=config.model, seq_len=config.seq_len, precision=str(autocast or weights).removeprefix("torch."),
+            device=device, method=config.method, offload_kv=config.offload_kv, lora_r=config.lora_r,
+            lora_targets=tuple(name.strip() for name in config.lora_targets.split(",") if name.strip()),
+            # a preference micro-batch holds batch_size pairs: 2 x batch_size rows
+            batch_size=config.batch_size * (1 if config.objective == "cross-entropy" else 2),
+            attention=config.attention, memory=config.memory and parse_bytes(config.memory, "--memory"),
+        )
+    except PlanError as error:
+        raise ValueError(f"--chunk-size auto: {error}") from None
+    chunk = torch.tensor([plan.chunk_size or config.seq_len], device=device if device.type == "cuda" else "cpu")
+    if dist.world_size > 1:  # every rank cuts its sequences the same way
+        torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
+    log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_size(plan.total(device.type))} ({describe_parts(plan)})")
+    return dataclasses.replace(config, chunk_size=int(chunk))
+
+
+def separate_reference(config: TrainConfig) -> bool:
+    """True when a preference run loads a reference model of its own (not the LoRA model's disabled adapter)."""
+    return getattr(OBJECTIVES[config.objective], "needs_reference", False) and (config.ref_model is not None or config.lora_r == 0)
+
+
+def check_reference_config(config: TrainConfig, model_config) -> None:
+    """--ref-model must read the trained model's token ids: compared from the configs, before any weight loads."""
+    if config.ref_model is None:
+        return
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    reference_vocab = getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None)
+    if None not in (vocab, reference_vocab) and vocab != reference_vocab:
+        raise ValueError(
+            f"--ref-model {config.ref_model}: the reference model's vocabulary has {reference_vocab} tokens, {config.model}'s "
+            f"{vocab}; a reference must read the same token ids (use the same base model and tokenizer)"
+        )
 
 
 def tokenizer_for(config: TrainConfig):
@@ -603,16 +668,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> TrainRe
 
 def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.device, log: Callable[[str], None]) -> TrainResult:
     output = check_output(config)
+    log = log if dist.is_main else (lambda message: None)
+    config = check_before_loading(config, output, device, dist, log)
     if config.resume and dist.is_main:
         check_resume_settings(config, output, log)
-    log = log if dist.is_main else (lambda message: None)
 
     tokenizer = tokenizer_for(config)
     sequences = training_sequences(config, tokenizer)
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     handle = inspect_causal_lm(model)
-    check_position_limit(handle.lm.config, config.seq_len, allow=config.allow_extrapolation, log=log)
     objective = make_objective(config, model, handle, device)
     data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, handle.vocab_size)
     _, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
@@ -730,7 +795,7 @@ def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: 
     cls = OBJECTIVES[config.objective]
     if not cls.needs_reference:
         return cls(beta=config.beta)
-    if config.ref_model is None and config.lora_r > 0:
+    if not separate_reference(config):
         reference = ADAPTER_DISABLED
     else:
         weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)

@@ -36,13 +36,7 @@ SEQ_LEN, CHUNK = 24, 5
 F64_TOL = 1e-10  # measured: parameter updates agree to 2e-14..1e-13 relative (max_relative_error)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost ~10x (spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -69,13 +69,30 @@ def test_lora_ipo_with_the_adapter_disabled_and_the_command_line(tmp_path, capsy
         (dict(objective="simpo", ref_model="demo-llama"), "reference-free"),
         (dict(objective="cross-entropy", beta=0.1), "apply to preference objectives"),
         (dict(response_field="chosen"), "not --response-field"),
+        (dict(chunk_size="auto", memory="1GiB"), "does not plan the memory of a separate reference model"),
     ],
-    ids=["no-data", "reference-vocabulary", "simpo-reference", "beta-without-objective", "response-field"],
+    ids=["no-data", "reference-vocabulary", "simpo-reference", "beta-without-objective", "response-field", "auto-chunk-reference"],
 )
-def test_bad_settings_fail_before_training(tmp_path, overrides, message):
+def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, message):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("chunkwise.train.load_causal_lm", no_weights)  # each is refused from the configs alone
     with pytest.raises(ValueError, match=message):
         train(settings(tmp_path, **overrides), log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_chunk_size_plans_both_rows_of_each_pair(tmp_path):
+    """LoRA DPO with 2 pairs per micro-batch is planned as 4 rows: the chunk cross-entropy gets with 4 sequences."""
+    from chunkwise.train import Distributed, check_before_loading
+
+    def chosen(**overrides):
+        config = settings(tmp_path, model="tiny-llama", lora_r=4, seq_len=512, chunk_size="auto", memory="10MiB", **overrides).resolved()
+        return check_before_loading(config, tmp_path, torch.device("cpu"), Distributed(), lambda _: None).chunk_size
+
+    pairs = chosen(batch_size=2)
+    assert pairs == chosen(objective="cross-entropy", data="synthetic", batch_size=4) < chosen(objective="cross-entropy", data="synthetic", batch_size=2)
 
 
 def test_preference_data_errors_name_the_line(tmp_path):
