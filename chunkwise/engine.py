@@ -28,7 +28,7 @@ from .attention import ATTENTION_CHOICES, chunk_attention
 from .batch import ChunkedBatch, check_chunk_size, chunk_batch
 from .cache import ChunkCache
 from .models import CausalLMHandle, inspect_causal_lm
-from .objectives import BoundObjective, CrossEntropy, Objective, Policy
+from .objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
 from .sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
 
 
@@ -97,19 +97,21 @@ def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache
 
 @torch.no_grad()
 def forward_checkpoints(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, objective: BoundObjective, *, report_only: set[int], devices: list
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list,
+    objective: BoundObjective | None = None,
 ) -> tuple[list, dict[int, torch.Tensor]]:
     """Stage 1: store every chunk's KV checkpoint, keeping no activations.
 
     Args:
-        objective: the batch's objective; if it needs every chunk's logits (sequence-level losses), all
-            chunks run with the LM head, the last one included, and it observes them.
         report_only: chunks that stage 2 will not visit but whose loss is reported; they run with the
             LM head (the last chunk too, if it is among them).
+        objective: the batch's objective (default: cross-entropy); if it needs every chunk's logits
+            (sequence-level losses), all chunks run with the LM head, the last one included, and it observes them.
     Returns:
         The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
         of each chunk in `report_only`.
     """
+    objective = BoundCrossEntropy(batch) if objective is None else objective
     rng_states, reported = [], {}
     last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
@@ -133,7 +135,8 @@ def forward_checkpoints(
 
 
 def backward_chunk(
-    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, objective: BoundObjective, chunk: int, *, factor: float, sync: bool = False
+    handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, factor: float, sync: bool = False,
+    objective: BoundObjective | None = None,
 ) -> torch.Tensor | None:
     """Stage 2 for one chunk: rebuild its graph on the stored past and backpropagate loss + KV relay.
 
@@ -141,12 +144,13 @@ def backward_chunk(
     loss, or None if the chunk had no target.
 
     Args:
-        objective: gives the scalar the chunk backpropagates, from its logits.
         factor: SpaCO compensation applied to the loss and the relay (1 for SeCO).
         sync: run this chunk through the DDP wrapper, whose backward then all-reduces the gradients
             accumulated by every chunk of the step. It always backpropagates, LM head included, so
             every parameter takes part in the all-reduce.
+        objective: gives the scalar the chunk backpropagates, from its logits (default: cross-entropy).
     """
+    objective = BoundCrossEntropy(batch) if objective is None else objective
     is_last = chunk == batch.num_chunks - 1
     relay_in = [] if is_last else cache.relay(chunk)
     has_relay = any(g is not None for g in relay_in)
@@ -294,7 +298,7 @@ class SeCO:
         # objective whose loss is not a sum over chunks knows it exactly after stage 1.
         report = full_loss and objective.loss_is_chunk_sum
         unselected = {c for c in range(batch.num_chunks) if c not in selected and batch.chunk_has_targets[c]} if report else set()
-        rng_states, losses = forward_checkpoints(self.handle, batch, cache, objective, report_only=unselected, devices=devices)
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices, objective=objective)
 
         # Under DDP the step's last backward goes through the wrapper (one all-reduce per step). If
         # SpaCO selected nothing, this rank still joins the all-reduce, with a zero-weighted chunk 0.
@@ -307,7 +311,7 @@ class SeCO:
                 if chunk < len(rng_states):
                     _restore_rng(rng_states[chunk], devices)
                 sync = self._syncs_gradients() and step == len(visits) - 1
-                loss = backward_chunk(self.handle, batch, cache, objective, chunk, factor=factor, sync=sync)
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=sync, objective=objective)
                 if loss is not None:
                     losses[chunk] = loss
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:

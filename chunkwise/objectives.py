@@ -134,10 +134,12 @@ class CrossEntropy(Objective):
     name = "cross-entropy"
 
     def bind(self, batch, *, num_items, policy) -> BoundObjective:
-        return _BoundCrossEntropy(batch)
+        return BoundCrossEntropy(batch)
 
 
-class _BoundCrossEntropy(BoundObjective):
+class BoundCrossEntropy(BoundObjective):
+    """Cross-entropy bound to a batch: the summed token loss of a span over the batch normaliser."""
+
     def __init__(self, batch: ChunkedBatch):
         self.batch = batch
 
