@@ -119,8 +119,17 @@ def _parse_list(text: str, option: str, convert=str) -> tuple:
     except ValueError:
         items = ()
     if not items:
-        raise UsageError(f"{option} must be a comma-separated list, e.g. {'1024,2048' if convert is int else 'full,seco'}; got {text!r}")
+        example = {int: "1024,2048", float: "0,0.5,1"}.get(convert, "full,seco")
+        raise UsageError(f"{option} must be a comma-separated list, e.g. {example}; got {text!r}")
     return items
+
+
+def _lengths_option(text: str) -> tuple[int, ...]:
+    """argparse type of `eval --seq-len`: one length, or several for the probes."""
+    try:
+        return _parse_list(text, "--seq-len", int)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def bench(
@@ -339,9 +348,14 @@ def _print_summary(result) -> None:
     print(f"loss: {result.first_loss:.4f} at the first step -> {result.last_loss:.4f} at step {result.step}"
           + (f" ({result.skipped_steps} steps skipped: non-finite)" if result.skipped_steps else ""))
     if result.evaluations:
-        first, last = result.evaluations[0], result.evaluations[-1]
+        from .heldout import best_evaluation
+
+        first, last, best = result.evaluations[0], result.evaluations[-1], best_evaluation(result.evaluations)
+        chance = f" (chance {last['chance']:.1%})" if "chance" in last else ""
         print(f"held-out accuracy: {first['accuracy']:.1%} at step {first['step']} -> {last['accuracy']:.1%} at step "
-              f"{last['step']} (chance {last['chance']:.1%}); held-out loss {first['loss']:.4f} -> {last['loss']:.4f}")
+              f"{last['step']}{chance}; held-out loss {first['loss']:.4f} -> {last['loss']:.4f}")
+        if best is not None:
+            print(f"best held-out loss: {best['loss']:.4f} (perplexity {best['perplexity']:.3f}) at step {best['step']}")
 
 
 def evaluate(given: dict, *, as_json: bool) -> int:
@@ -354,7 +368,15 @@ def evaluate(given: dict, *, as_json: bool) -> int:
     from .evaluate import EvalConfig, evaluate as run_evaluation
     from .reporting import format_bytes
 
-    config = EvalConfig(**given)
+    task, depths, num_probes, output = (given.pop(name) for name in ("task", "depths", "num_probes", "output"))
+    if task != "lm":
+        return probe(given, task=task, depths=depths, num_probes=num_probes, output=output, as_json=as_json)
+    if depths is not None or num_probes is not None or output is not None:
+        raise UsageError("--depths, --num-probes and --output apply to --task passkey or needle")
+    lengths = given.pop("seq_len")
+    if lengths is not None and len(lengths) > 1:
+        raise UsageError("--seq-len takes one length unless --task is passkey or needle")
+    config = EvalConfig(**given, seq_len=lengths[0] if lengths else None)
     report = run_evaluation(config, log=lambda line: print(line, file=sys.stderr))
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
@@ -367,6 +389,52 @@ def evaluate(given: dict, *, as_json: bool) -> int:
                   f"{report.loss:.4f}", f"{report.perplexity:.3f}", accuracy, format_bytes(report.peak_memory_bytes),
                   f"{report.tokens_per_s:,.0f}")
     Console(width=160).print(table)
+    return 0
+
+
+def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None, output: str | None, as_json: bool) -> int:
+    """`chunkwise eval --task passkey|needle`: accuracy per length × depth, a table, a heat map and JSON."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .probe_eval import DEFAULT_DEPTHS, ProbeConfig, run_probes, write_report
+    from .reporting import format_bytes
+
+    unused = [f"--{name.replace('_', '-')}" for name in ("data", "text_field", "prompt_field", "response_field")
+              if given.get(name) not in (None, "text")] + (["--batch-size"] if given.get("batch_size") != 1 else [])
+    if unused:
+        raise UsageError(f"{', '.join(unused)} do not apply to --task {task}: probes are built from the model's tokenizer")
+    config = ProbeConfig(
+        model=given["model"], task=task, lengths=given["seq_len"] or (4096,),
+        depths=_parse_list(depths, "--depths", float) if depths else DEFAULT_DEPTHS, num_probes=5 if num_probes is None else num_probes,
+        chunk_size=given["chunk_size"], dtype=given["dtype"], device=given["device"], seed=given["seed"],
+        allow_extrapolation=given["allow_extrapolation"],
+    )
+    report = run_probes(config, log=lambda line: print(line, file=sys.stderr))
+    paths = write_report(report, Path(output or "probe-results"))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0
+    console = Console(width=160)
+    console.print(f"[bold]chunkwise eval --task {task}[/]: {report.model} ({report.language} probes, {config.num_probes} per "
+                  f"length and depth; chunks of {config.chunk_size}); accuracy:", highlight=False)
+    table = Table()
+    table.add_column("depth")
+    for length in report.lengths:
+        table.add_column(f"{length:,}", justify="right")
+    for depth in report.depths:
+        table.add_row(f"{depth:.0%}", *(f"{report.accuracy(length, depth):.0%}" for length in report.lengths))
+    table.add_row("mean", *(f"{sum(report.accuracy(length, d) for d in report.depths) / len(report.depths):.0%}" for length in report.lengths))
+    table.add_section()
+    costs = {cost.length: cost for cost in report.costs}
+    table.add_row("peak memory", *(format_bytes(costs[length].peak_memory_bytes) for length in report.lengths))
+    table.add_row("  KV cache", *(format_bytes(costs[length].kv_cache_bytes) for length in report.lengths))
+    table.add_row("  the rest", *(format_bytes(costs[length].other_bytes) for length in report.lengths))
+    table.add_row("seconds", *(f"{costs[length].seconds:.1f}" for length in report.lengths))
+    console.print(table)
+    print(f"peak memory: above what was in use before each length's probes ({report.costs[0].memory_method}); wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -492,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--packing", choices=["pack", "truncate"], help="pack documents into seq-len blocks (default for text) or truncate each (default for instruction data)")
     fit.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 100; 0: only at the end and on interruption)")
     fit.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 1)")
-    fit.add_argument("--eval-every", type=int, help="synthetic task: held-out accuracy every N steps (default: demo 100, else 0)")
+    fit.add_argument("--eval-every", type=int, help="held-out loss and accuracy every N steps, chunk by chunk (default 100 with --eval-data or on the demo, else 0)")
+    fit.add_argument("--eval-data", help="held-out data in any --data format, read like --data; default: the synthetic task's held-out stream when training on it")
+    fit.add_argument("--eval-split", help="split of the --eval-data dataset (default: --split), e.g. validation")
     fit.add_argument("--log-every", type=int, help="print a progress line every N steps when not on a terminal (default 10)")
     fit.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite steps in a row (default 5)")
     fit.add_argument("--allow-extrapolation", action="store_true", help="allow --seq-len above the model's position limit")
@@ -510,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--model", required=True, help="run directory, model/adapter folder, hub id or tiny preset")
     score.add_argument("--data", default=None, help="documents to score (as train --data); default: the run's data, else the synthetic task")
-    score.add_argument("--seq-len", type=int, default=None, help="synthetic: tokens per sequence (default: the run's); files: at most this many tokens per document (default: all)")
+    score.add_argument("--seq-len", type=_lengths_option, default=None,
+                       help="synthetic: tokens per sequence (default: the run's); files: at most this many tokens per document "
+                       "(default: all); --task passkey/needle: comma-separated probe lengths (default 4096)")
     score.add_argument("--chunk-size", type=int, default=1024, help="tokens per inference chunk (default 1024)")
     score.add_argument("--batch-size", type=int, default=1)
     score.add_argument("--num-sequences", type=int, default=32, help="synthetic: held-out sequences (default 32)")
@@ -523,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--split", default="train")
     score.add_argument("--allow-extrapolation", action="store_true", help="score documents longer than the model's position limit")
     score.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
+    score.add_argument("--task", choices=["lm", "passkey", "needle"], default="lm",
+                       help="lm (default): loss and perplexity of documents; passkey / needle: long-context retrieval probes "
+                       "built with the model's tokenizer, prefilled chunk by chunk, answered greedily")
+    score.add_argument("--depths", default=None, help="passkey/needle: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    score.add_argument("--num-probes", type=int, default=None, help="passkey/needle: probes per length and depth (default 5)")
+    score.add_argument("--output", default=None, help="passkey/needle: folder for <task>.png (heat map) and <task>.json (default probe-results)")
     return parser
 
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .attention import chunk_attention
 from .cache import ChunkCache
+from .generate import forward_chunk
 from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 from .models import CausalLMHandle, inspect_causal_lm
 
@@ -72,15 +72,8 @@ def chunked_logits(handle: CausalLMHandle, inputs: dict, attention_mask: torch.T
     cache = ChunkCache(total_length=seq_len)
     for number, start in enumerate(range(0, seq_len, chunk_size)):
         end = min(start + chunk_size, seq_len)
-        cache.prepare(num_past=number, record=True)
-        with chunk_attention(handle.decoder.config):  # no repeated KV heads, no float mask (see attention.py)
-            logits = handle.lm(
-                **{name: tokens[:, start:end], handle.cache_kwarg: cache},
-                position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
-                attention_mask=None if attention_mask is None else attention_mask[:, :end],
-                use_cache=True,
-            ).logits
-        cache.commit(end - start)
+        logits = forward_chunk(handle, cache, {name: tokens[:, start:end]}, number=number, start=start,
+                               attention_mask=None if attention_mask is None else attention_mask[:, :end])
         yield start, end, logits
 
 

@@ -80,6 +80,8 @@ def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
     evals = [r for r in records if r["kind"] == "eval"]
     if evals:
         axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="held-out loss")
+        best = min(evals, key=lambda r: (r["loss"], r["step"]))
+        axis.plot([best["step"]], [best["loss"]], "*", color="tab:red", markersize=14, label=f"best: step {best['step']}")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (nats / target token)")
     axis.set_title(title)
@@ -99,6 +101,7 @@ class TrainingProgress:
         self.live = enabled and self.console.is_terminal
         self.log_every, self.total, self.enabled = log_every, total_steps, enabled
         self.bar = None
+        self.last_held_out = ""
         if self.live:
             self.bar = Progress(
                 TextColumn("[bold]train"),
@@ -120,9 +123,14 @@ class TrainingProgress:
         if self.bar is not None:
             self.bar.stop()
 
+    def held_out(self, record: dict | None) -> None:
+        """Show the latest held-out loss on the progress line from now on (None: no evaluation was made)."""
+        if record is not None:
+            self.last_held_out = f"  held-out {record['loss']:.4f} @ {record['step']}"
+
     def step(self, record: dict) -> None:
         loss = "skipped (non-finite)" if record.get("skipped") else f"loss {record['loss']:.4f}"
-        status = f"{loss}  {record['tokens_per_s']:,.0f} tok/s  peak {format_bytes(record['peak_memory_bytes'])}"
+        status = f"{loss}  {record['tokens_per_s']:,.0f} tok/s  peak {format_bytes(record['peak_memory_bytes'])}{self.last_held_out}"
         if self.bar is not None:
             self.bar.update(self.task, completed=record["step"], status=status)
         elif self.enabled and (record["step"] % self.log_every == 0 or record["step"] == self.total):

@@ -3,7 +3,8 @@
     runs/demo/
       chunkwise_run.json    the run's settings (TrainConfig) and the package version: marks a run
       metrics.jsonl         one line per step (and per evaluation)
-      loss.png              loss curve
+      loss.png              loss curve (and held-out loss, the best step marked)
+      best_eval.json        the held-out evaluation with the lowest loss: its step and scores
       checkpoints/step-N/   the latest checkpoint (model or adapter, optimizer, scheduler, RNG, ...)
       model/                the final model (full fine-tuning: `AutoModelForCausalLM.from_pretrained`)
                             or LoRA adapter (`PeftModel.from_pretrained(base, ...)`), with the tokenizer
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 RUN_FILE = "chunkwise_run.json"
+BEST_EVAL = "best_eval.json"
 FINAL_MODEL = "model"
 MODEL_SUBDIR = "model"  # inside a checkpoint folder
 

@@ -34,14 +34,15 @@ import torch
 from . import __version__
 from .attention import ATTENTION_CHOICES
 from .checkpoint import CheckpointError, capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint
-from .data import PACKING_MODES, SYNTHETIC, RecallTask, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
+from .data import PACKING_MODES, SYNTHETIC, collate, pad_token_id, read_sequences, synthetic_task_for
 from .batch import chunk_batch
 from .engine import SeCO, SpaCO
+from .heldout import HeldOutSet, describe_evaluation, evaluate_held_out, file_held_out, synthetic_held_out, write_best
 from .loss import chunk_loss_sum, count_targets, shift_labels
 from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_model_config, load_tokenizer, resolve_device, training_dtypes
 from .plan import PlanError, describe_parts, format_size, parse_bytes, plan_training_step
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
-from .run import FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
+from .run import BEST_EVAL, FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
 from .objectives import OBJECTIVES, Objective, PairedLoss, Policy
 from .preferences import PreferencePair, collate_pairs, read_preference_pairs
 from .reference import ADAPTER_DISABLED, resolve_reference
@@ -146,7 +147,13 @@ class TrainConfig:
     """Write a checkpoint every N steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = 1
     eval_every: int | None = None
-    """Synthetic task only: held-out loss and accuracy every N steps (and at the start and end); 0: never."""
+    """Held-out loss, perplexity and accuracy every N steps (and at the start and end); 0: never. Default:
+    100 with `eval_data` or on the demo, else 0."""
+    eval_data: str | None = None
+    """Held-out data, in any format `data` takes, read like it (tokenizer, fields, seq_len, packing) and
+    scored chunk by chunk (`heldout.py`). None: the synthetic task's held-out stream when training on it."""
+    eval_split: str | None = None
+    """Split of a dataset `eval_data` names (default: `split`), e.g. "validation"."""
     log_every: int = 10
     max_bad_steps: int = 5
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
@@ -174,7 +181,8 @@ class TrainConfig:
         defaults = dict(
             model=DEMO_MODEL if self.model is None else self.model,
             data=SYNTHETIC if self.data is None else self.data,
-            chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, eval_every=0, adam_beta2=0.999,
+            chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, adam_beta2=0.999,
+            eval_every=100 if self.eval_data else 0,
             lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
             packing="truncate" if self.prompt_field or self.objective != "cross-entropy" else "pack",
         )
@@ -228,6 +236,10 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         if self.packing not in PACKING_MODES:
             raise ValueError(f"--packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}")
+        if self.eval_data is not None and not self.eval_every:
+            raise ValueError("--eval-data needs --eval-every N > 0: how many steps between held-out evaluations")
+        if self.eval_every and self.eval_data is None and self.data != SYNTHETIC:
+            raise ValueError(f"--eval-every {self.eval_every} needs held-out data for --data {self.data}: give --eval-data PATH")
         if self.memory is not None:
             if self.chunk_size != "auto":
                 raise ValueError("--memory sets the budget of --chunk-size auto; add --chunk-size auto or drop --memory")
@@ -248,6 +260,8 @@ class TrainConfig:
             raise ValueError(f"{name} trains on preference pairs: give --data with prompt / chosen / rejected fields")
         if self.response_field is not None:
             raise ValueError(f"{name} reads --chosen-field and --rejected-field, not --response-field")
+        if self.eval_data is not None:
+            raise ValueError(f"{name}: --eval-data scores held-out cross-entropy, not preference pairs; drop --eval-data and --eval-every")
         if self.packing != "truncate":
             raise ValueError(f"{name} keeps each preference pair whole: --packing must be truncate")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -394,6 +408,20 @@ def training_sequences(config: TrainConfig, tokenizer) -> list | None:
     return read_sequences(
         config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
         prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
+    )
+
+
+def held_out_rows(config: TrainConfig, tokenizer) -> HeldOutSet | None:
+    """The `--eval-data` rows (None without it, or for the synthetic task's own stream). Read before the
+    model loads, like the training data, so a problem in them is reported at once."""
+    if not config.eval_every or config.eval_data in (None, SYNTHETIC):
+        return None
+    if tokenizer is None:
+        raise ValueError(f"{config.model} has no tokenizer, so --eval-data {config.eval_data} cannot be read; use a model folder with its tokenizer")
+    return file_held_out(
+        config.eval_data, tokenizer, batch_size=config.batch_size, seq_len=config.seq_len, packing=config.packing,
+        pad_token_id=pad_token_id(tokenizer), text_field=config.text_field, prompt_field=config.prompt_field,
+        response_field=config.response_field, split=config.eval_split or config.split,
     )
 
 
@@ -675,11 +703,15 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
 
     tokenizer = tokenizer_for(config)
     sequences = training_sequences(config, tokenizer)
+    held_out = held_out_rows(config, tokenizer)
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     handle = inspect_causal_lm(model)
     objective = make_objective(config, model, handle, device)
     data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, handle.vocab_size)
+    if held_out is None and config.eval_every:  # the synthetic task's own held-out stream
+        held_out = synthetic_held_out(data.task or synthetic_task_for(handle.vocab_size), batch_size=config.batch_size,
+                                      seq_len=config.seq_len, seed=config.seed)
     _, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
     if not config.resume and dist.is_main:
         start_run_directory(config)
@@ -707,17 +739,18 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     def save(step: int) -> Path:
         return _save_checkpoint(output, step, model, tokenizer, optimizer, scheduler, scaler, engine, state, config, dist)
 
-    evaluations = []
+    # A resumed run keeps the evaluations made before its checkpoint (the best step may be among them).
+    evaluations = [r for r in metrics.records() if r["kind"] == "eval"] if config.resume and dist.is_main else []
 
-    def evaluate_now(step: int) -> None:
-        if data.task is None or not config.eval_every:
-            return
-        scores = _evaluate_task(handle, data.task, config, device, autocast_dtype)
-        record = {"kind": "eval", "step": step, "loss": scores.loss, "accuracy": scores.accuracy, "chance": data.task.chance_accuracy}
+    def evaluate_now(step: int) -> dict | None:
+        if held_out is None:
+            return None
+        record = evaluate_held_out(handle, held_out, step=step, chunk_size=config.chunk_size, device=device, autocast_dtype=autocast_dtype)
         evaluations.append(record)
         if dist.is_main:
             metrics.append(record)
-            log(f"eval @ step {step}: loss {scores.loss:.4f}, accuracy {scores.accuracy:.1%} (chance {data.task.chance_accuracy:.1%})")
+            log(describe_evaluation(record, write_best(output / BEST_EVAL, evaluations)))
+        return record
 
     log(_describe(config, model, device, dist, len(data)))
     if state["step"] == 0:
@@ -728,6 +761,7 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     policy = Policy(ddp or model, handle, config.chunk_size)
     trainer = _Trainer(config, dist, device, model, ddp, engine, parameters, optimizer, scheduler, scaler, data, autocast_dtype, objective, policy)
     with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
+        progress.held_out(evaluations[-1] if evaluations else None)
         while state["step"] < config.steps:
             step = state["step"] + 1
             record = optimizer_step(trainer, step)
@@ -753,7 +787,7 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
                         "raise --max-bad-steps."
                     )
             if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                evaluate_now(step)
+                progress.held_out(evaluate_now(step))
             if _stop_requested(stop, dist):
                 interrupted = stop.signal or signal.SIGTERM
                 path = save(step)
@@ -771,6 +805,10 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     elapsed = time.perf_counter() - started
     if dist.is_main and not interrupted:
         log(f"done: {state['step']} steps in {elapsed:.0f} s; model in {output / FINAL_MODEL}")
+        if evaluations:
+            spent = sum(r["seconds"] for r in evaluations)
+            log(f"held-out evaluation: {len(evaluations)} evaluations, {spent:.1f} s in all "
+                f"({spent / max(elapsed, 1e-9):.0%} of this session's {elapsed:.0f} s); best step in {output / BEST_EVAL}")
     return TrainResult(output, state["step"], first_loss, last_loss, state["skipped"], interrupted, evaluations)
 
 
@@ -827,18 +865,6 @@ def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequenc
         f"  data {what}; {config.batch_size} x {config.seq_len} tokens per micro-batch, {config.grad_accum} per step; "
         f"{method}, chunks of {config.chunk_size}; {config.steps} steps, lr {config.lr:g}; run directory {config.output}"
     )
-
-
-def _evaluate_task(handle, task: RecallTask, config: TrainConfig, device, autocast_dtype, num_sequences: int = 32):
-    """Held-out loss and accuracy on the synthetic task (a generator stream training never uses)."""
-    from .evaluate import score_batches
-
-    was_training = handle.lm.training
-    handle.lm.eval()
-    batches = held_out_batches(task, num_sequences=num_sequences, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
-    scores, _ = score_batches(handle, batches, chunk_size=config.chunk_size, device=device, autocast_dtype=autocast_dtype)
-    handle.lm.train(was_training)
-    return scores
 
 
 # ----- saving and loading -----------------------------------------------------------------------------

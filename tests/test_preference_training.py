@@ -70,8 +70,10 @@ def test_lora_ipo_with_the_adapter_disabled_and_the_command_line(tmp_path, capsy
         (dict(objective="cross-entropy", beta=0.1), "apply to preference objectives"),
         (dict(response_field="chosen"), "not --response-field"),
         (dict(chunk_size="auto", memory="1GiB"), "does not plan the memory of a separate reference model"),
+        (dict(eval_data="held_out.jsonl", eval_every=2), "--eval-data scores held-out cross-entropy"),
     ],
-    ids=["no-data", "reference-vocabulary", "simpo-reference", "beta-without-objective", "response-field", "auto-chunk-reference"],
+    ids=["no-data", "reference-vocabulary", "simpo-reference", "beta-without-objective", "response-field", "auto-chunk-reference",
+         "eval-data"],
 )
 def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, message):
     def no_weights(*args, **kwargs):

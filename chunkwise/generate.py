@@ -1,0 +1,102 @@
+"""Inference over long inputs: one chunk through the KV cache, chunked prefill, greedy decoding.
+
+A ladder of small steps (as gpt-fast's `prefill` → `decode_one_token` → `decode_n_tokens`):
+
+    forward_chunk    one chunk [s, e) through a `ChunkCache` in record mode: its KV is stored, logits returned
+    prefill          a whole prompt, chunk by chunk: the logits of its last position
+    greedy_generate  prefill, then one token at a time (each a chunk of one) for `max_new_tokens`
+
+The cache is the one training uses (`ChunkCache`, record mode): each chunk's keys/values are written
+once into a buffer sized for the whole sequence and attention reads views of it, through the engine's
+attention (`chunk_attention`). What is alive at any time is the weights, the KV cache (growing with the
+length) and one chunk's activations — so a prompt far longer than one forward pass allows fits, in
+memory that does not grow with the length beyond the KV cache. The prefill asks the model for the
+logits of the chunk's last position only (`logits_to_keep=1`, where the model takes it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .attention import chunk_attention
+from .cache import ChunkCache
+from .models import CausalLMHandle
+
+
+def forward_chunk(handle: CausalLMHandle, cache: ChunkCache, inputs: dict, *, number: int, start: int,
+                  attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
+    """Run chunk `number`, tokens [start, start + c), through `cache` (record mode) and store its KV.
+
+    Args:
+        inputs: `{"input_ids": [B, c]}` or `{"inputs_embeds": [B, c, H]}`.
+        attention_mask: `[B, start + c]` (1 = token, 0 = right padding), or None for no padding.
+        last_logits_only: compute the LM head for the chunk's last position only.
+    Returns:
+        logits `[B, c, V]`, or `[B, 1, V]` with `last_logits_only` on a model that takes `logits_to_keep`
+        (others return every position's).
+    """
+    (name, tokens), = inputs.items()
+    end = start + tokens.shape[1]
+    keep = {"logits_to_keep": 1} if last_logits_only and _takes_logits_to_keep(handle) else {}
+    cache.prepare(num_past=number, record=True)
+    with chunk_attention(handle.decoder.config):  # no repeated KV heads, no float mask (see attention.py)
+        logits = handle.lm(
+            **{name: tokens, handle.cache_kwarg: cache},
+            position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
+            attention_mask=attention_mask,
+            use_cache=True,
+            **keep,
+        ).logits
+    cache.commit(end - start)
+    return logits
+
+
+def _takes_logits_to_keep(handle: CausalLMHandle) -> bool:
+    return "logits_to_keep" in inspect.signature(handle.lm.forward).parameters
+
+
+def kv_cache_bytes(cache: ChunkCache) -> int:
+    """Bytes held by the cache's KV buffers (every layer, keys and values, the whole allocated length)."""
+    return sum(buffer.numel() * buffer.element_size() for layer in cache.layers for buffer in layer.stored)
+
+
+@torch.no_grad()
+def prefill(handle: CausalLMHandle, input_ids: torch.Tensor, *, chunk_size: int, cache: ChunkCache) -> torch.Tensor:
+    """Read the prompt `input_ids` `[B, T]` chunk by chunk into `cache`; return the last position's logits `[B, V]`."""
+    logits = None
+    for number, start in enumerate(range(0, input_ids.shape[1], chunk_size)):
+        chunk = input_ids[:, start : start + chunk_size]
+        logits = forward_chunk(handle, cache, {"input_ids": chunk}, number=number, start=start, last_logits_only=True)
+    return logits[:, -1]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `greedy_generate` returns.
+
+    Attributes:
+        tokens: `[B, n]` the generated token ids (n = max_new_tokens).
+        kv_cache_bytes: size of the KV cache it filled (prompt and generated tokens).
+    """
+
+    tokens: torch.Tensor
+    kv_cache_bytes: int
+
+
+@torch.no_grad()
+def greedy_generate(handle: CausalLMHandle, input_ids: torch.Tensor, *, chunk_size: int, max_new_tokens: int) -> Generation:
+    """Prefill `input_ids` `[B, T]` (no padding) chunk by chunk, then append the most likely token `max_new_tokens` times."""
+    if max_new_tokens < 1 or chunk_size < 1:
+        raise ValueError(f"max_new_tokens and chunk_size must be positive, got {max_new_tokens} and {chunk_size}")
+    prompt_length = input_ids.shape[1]
+    cache = ChunkCache(total_length=prompt_length + max_new_tokens)
+    next_token = prefill(handle, input_ids, chunk_size=chunk_size, cache=cache).argmax(-1, keepdim=True)  # [B, 1]
+    generated = [next_token]
+    for offset in range(max_new_tokens - 1):
+        logits = forward_chunk(handle, cache, {"input_ids": next_token}, number=cache.num_chunks, start=prompt_length + offset)
+        next_token = logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(next_token)
+    return Generation(torch.cat(generated, dim=1), kv_cache_bytes(cache))
