@@ -2,6 +2,7 @@
 
 from .cache import ChunkCache
 from .engine import ChunkwiseOutput, SeCO, SpaCO
+from .objectives import DPO, GRPO, IPO, CrossEntropy, Objective, SequenceLoss, SimPO, TokenLoss
 from .sampling import BernoulliSampler, ChunkSampler, ChunkSelection, UniformSampler
 
 __all__ = [
@@ -13,5 +14,13 @@ __all__ = [
     "ChunkSelection",
     "UniformSampler",
     "BernoulliSampler",
+    "Objective",
+    "CrossEntropy",
+    "TokenLoss",
+    "SequenceLoss",
+    "DPO",
+    "IPO",
+    "SimPO",
+    "GRPO",
 ]
 __version__ = "0.1.0"

@@ -12,19 +12,23 @@ gradient buffers.
 
 SeCO visits every chunk (exact gradient). SpaCO visits a sampled subset and scales each visited
 chunk's loss and relay by a compensation factor (see `sampling.py`).
+
+What a chunk backpropagates is the objective's business (`objectives.py`): next-token cross-entropy by
+default; a sequence-level objective (DPO, ...) also has stage 1 run the LM head on every chunk to
+collect its per-sequence statistics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .attention import ATTENTION_CHOICES, chunk_attention
 from .batch import ChunkedBatch, check_chunk_size, chunk_batch
 from .cache import ChunkCache
-from .loss import chunk_loss_sum
 from .models import CausalLMHandle, inspect_causal_lm
+from .objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
 from .parallel import GradientSync, gradient_sync
 from .sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
 
@@ -34,13 +38,14 @@ class ChunkwiseOutput:
     """What one `backward` call reports.
 
     Attributes:
-        loss: detached scalar, the batch's token loss: summed over all chunks and divided by the number
-            of valid targets (or by `num_items`). For SpaCO too it covers every chunk, not only the
-            backpropagated ones.
+        loss: detached scalar, the batch's loss: for cross-entropy the token loss summed over all chunks
+            and divided by the number of valid targets (or by `num_items`); for another objective, its
+            value. For SpaCO too it covers every chunk, not only the backpropagated ones.
         num_targets: valid (non -100) target tokens in the batch.
         num_chunks: chunks the sequence was cut into.
         selected: indices of the chunks whose gradient was backpropagated (all of them for SeCO).
         compensation: factor applied to the selected chunks' losses and KV-gradient relays.
+        metrics: the objective's statistics for logs (e.g. DPO's reward margin); empty for cross-entropy.
     """
 
     loss: torch.Tensor
@@ -48,6 +53,7 @@ class ChunkwiseOutput:
     num_chunks: int
     selected: tuple[int, ...]
     compensation: float
+    metrics: dict = field(default_factory=dict)
 
 
 # ----- random state: stage 2 must redraw the dropout masks stage 1 drew -----------------------------
@@ -90,42 +96,44 @@ def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache
     }
 
 
-def _chunk_loss(model: torch.nn.Module, batch: ChunkedBatch, chunk: int, inputs: dict) -> torch.Tensor:
-    """The chunk's summed token loss over the batch normaliser (runs the full model, LM head included)."""
-    start, end = batch.bounds[chunk]
-    logits = model(**inputs).logits
-    return chunk_loss_sum(logits, batch.targets[:, start:end]) / batch.normaliser
-
-
 @torch.no_grad()
 def forward_checkpoints(
     handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, *, report_only: set[int], devices: list,
-    sync: GradientSync | None = None,
+    objective: BoundObjective | None = None, sync: GradientSync | None = None,
 ) -> tuple[list, dict[int, torch.Tensor]]:
     """Stage 1: store every chunk's KV checkpoint, keeping no activations.
 
     Args:
         report_only: chunks that stage 2 will not visit but whose loss is reported; they run with the
             LM head (the last chunk too, if it is among them).
+        objective: the batch's objective (default: cross-entropy); if it needs every chunk's logits
+            (sequence-level losses), all chunks run with the LM head, the last one included, and it observes them.
         sync: says which module runs a chunk (see `chunkwise.parallel`); default: the model itself, one process.
     Returns:
         The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
         of each chunk in `report_only`.
     """
+    objective = BoundCrossEntropy(batch) if objective is None else objective
     sync = sync or GradientSync(handle)
     rng_states, reported = [], {}
     last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
-        if chunk == last and chunk not in report_only:
+        head = chunk in report_only or objective.needs_stage_1_logits
+        if chunk == last and not head:
             break
         rng_states.append(_capture_rng(devices))
         cache.prepare(num_past=chunk, record=True)
         inputs = _chunk_inputs(batch, chunk, handle, cache)
-        if chunk in report_only:
-            reported[chunk] = _chunk_loss(sync.lm(reduce=False), batch, chunk, inputs)
+        if head:
+            logits = sync.lm(reduce=False)(**inputs).logits
+            if objective.needs_stage_1_logits:
+                objective.observe(chunk, logits)
+            if chunk in report_only:
+                reported[chunk] = objective.chunk_loss(chunk, logits)
         else:
             sync.body(inputs)  # the transformer body only: its KV is all stage 2 needs
         cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
+    objective.finish_stage_1()
     return rng_states, reported
 
 
@@ -138,6 +146,7 @@ def backward_chunk(
     factor: float,
     sync: GradientSync,
     reduce: bool = False,
+    objective: BoundObjective | None = None,
 ) -> torch.Tensor | None:
     """Stage 2 for one chunk: rebuild its graph on the stored past and backpropagate loss + KV relay.
 
@@ -149,7 +158,9 @@ def backward_chunk(
         sync: says which module runs the chunk and how its backward reduces (see `chunkwise.parallel`).
         reduce: this is the step's last backward, which reduces the gradients every chunk accumulated
             across ranks. It always backpropagates, LM head included, so every parameter takes part.
+        objective: gives the scalar the chunk backpropagates, from its logits (default: cross-entropy).
     """
+    objective = BoundCrossEntropy(batch) if objective is None else objective
     is_last = chunk == batch.num_chunks - 1
     relay_in = [] if is_last else cache.relay(chunk)
     has_relay = any(g is not None for g in relay_in)
@@ -162,7 +173,7 @@ def backward_chunk(
         loss = None
         outputs, seeds = [], []
         if batch.chunk_has_targets[chunk] or reduce:
-            loss = _chunk_loss(sync.lm(reduce=reduce), batch, chunk, inputs)
+            loss = objective.chunk_loss(chunk, sync.lm(reduce=reduce)(**inputs).logits)
             outputs.append(loss)
             seeds.append(torch.full_like(loss, factor))
         else:  # no target here: only the KV relay, so skip the LM head
@@ -228,9 +239,11 @@ class SeCO:
             )
 
     def backward(
-        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None, objective: Objective | None = None
     ) -> ChunkwiseOutput:
-        """Accumulate the gradient of the batch's mean token loss into the trainable parameters' `.grad`.
+        """Accumulate the gradient of the batch's loss into the trainable parameters' `.grad`.
+
+        The loss is the mean token cross-entropy, or `objective`'s (DPO, GRPO, ...: `chunkwise.objectives`).
 
         Gradients add up across calls, like `loss.backward()`, so gradient accumulation just works.
 
@@ -244,9 +257,19 @@ class SeCO:
             attention_mask: `[B, T]`, 1 for tokens and 0 for right padding.
             num_items: divide the summed token loss by this instead of the batch's valid-target count
                 (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
+                With an objective: its normaliser in the objective's unit (tokens, sequences, pairs).
+            objective: what to train on (default `CrossEntropy()`); checked against the batch before
+                any model call.
         """
         batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
-        return self._run(batch, select_all(batch.num_chunks), inputs_embeds)
+        bound = self._bind(objective, batch, num_items)
+        return self._run(batch, select_all(batch.num_chunks), bound, inputs_embeds)
+
+    def _bind(self, objective: Objective | None, batch: ChunkedBatch, num_items) -> BoundObjective:
+        objective = CrossEntropy() if objective is None else objective
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be a chunkwise.objectives.Objective (CrossEntropy, DPO, GRPO, ...), got {type(objective).__name__}")
+        return objective.bind(batch, num_items=num_items, policy=Policy(self.model, self.handle, self.chunk_size))
 
     def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items) -> ChunkedBatch:
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -273,7 +296,7 @@ class SeCO:
             device=device,
         )
 
-    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
+    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, objective: BoundObjective, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
         self.sync.check_lockstep(batch.num_chunks)
         if batch.num_targets == 0 and not self.sync.reduces() and not self.sync.lockstep:
             # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). When this call ends
@@ -282,19 +305,21 @@ class SeCO:
             zero = torch.zeros((), device=batch.targets.device)
             return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
         with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
-            return self._stages(batch, selection, inputs_embeds, full_loss=full_loss)
+            return self._stages(batch, selection, objective, inputs_embeds, full_loss=full_loss)
 
-    def _stages(self, batch: ChunkedBatch, selection: ChunkSelection, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
+    def _stages(self, batch: ChunkedBatch, selection: ChunkSelection, objective: BoundObjective, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
         device = batch.targets.device
 
         devices = _rng_devices(self.handle.lm)
         cache = ChunkCache(total_length=batch.targets.shape[1], offload=self.offload_kv)
         selected = set(selection.chunks)
         # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
-        # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work.
+        # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work. An
+        # objective whose loss is not a sum over chunks knows it exactly after stage 1.
         # (Under ZeRO-3 also those without targets: all ranks must run the same chunks.)
-        unselected = {c for c in range(batch.num_chunks) if c not in selected and (batch.chunk_has_targets[c] or self.sync.lockstep)} if full_loss else set()
-        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices, sync=self.sync)
+        report = full_loss and objective.loss_is_chunk_sum
+        unselected = {c for c in range(batch.num_chunks) if c not in selected and (batch.chunk_has_targets[c] or self.sync.lockstep)} if report else set()
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices, objective=objective, sync=self.sync)
 
         # When this call ends a distributed step, its last backward reduces the gradients across ranks
         # (once per step). If SpaCO selected nothing, this rank still joins, with a zero-weighted chunk 0.
@@ -308,18 +333,20 @@ class SeCO:
                 if chunk < len(rng_states):
                     _restore_rng(rng_states[chunk], devices)
                 reduce = reduces and step == len(visits) - 1
-                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=self.sync, reduce=reduce)
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=self.sync, reduce=reduce, objective=objective)
                 if loss is not None:
                     losses[chunk] = loss
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
-        if full_loss:
+        if not objective.loss_is_chunk_sum:
+            total = objective.value()
+        elif full_loss:
             total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
         else:  # the compensated sum over the selected chunks: an estimate of the full loss
             picked = [losses[c] for c in selection.chunks if c in losses]
             total = torch.stack(picked).sum() * selection.compensation if picked else torch.zeros((), device=device)
-        return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation)
+        return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation, objective.metrics())
 
 
 class SpaCO(SeCO):
@@ -362,11 +389,16 @@ class SpaCO(SeCO):
         self.full_loss = full_loss
 
     def backward(
-        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None, objective: Objective | None = None
     ) -> ChunkwiseOutput:
-        """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`."""
+        """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`.
+
+        With a sequence-level objective stage 1 runs the LM head on every chunk (its loss is exact); the
+        sampled chunks' part of the gradient is compensated as for token losses (`chunkwise.objectives`).
+        """
         batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
-        return self._run(batch, self.sampler.select(batch.num_chunks), inputs_embeds, full_loss=self.full_loss)
+        bound = self._bind(objective, batch, num_items)
+        return self._run(batch, self.sampler.select(batch.num_chunks), bound, inputs_embeds, full_loss=self.full_loss)
 
     def state_dict(self) -> dict:
         """The sampler's state, for checkpoints: restoring it replays the same selections."""

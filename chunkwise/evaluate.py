@@ -55,14 +55,16 @@ class TokenScores:
         return self.num_correct / self.num_targets if self.num_targets else float("nan")
 
 
-def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
-    """Yield `(logits [B, c, V], targets [B, c])` chunk by chunk, without autograd."""
-    name = "input_ids" if "input_ids" in batch else "inputs_embeds"
-    tokens = batch[name]
-    targets = shift_labels(batch["labels"])
-    mask = batch.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        mask = None  # no padding: the model's plain causal mask, as the engine does
+def chunked_logits(handle: CausalLMHandle, inputs: dict, attention_mask: torch.Tensor | None, *, chunk_size: int):
+    """Yield `(start, end, logits [B, c, V])` for chunk after chunk of `inputs` (run without autograd by the caller).
+
+    Args:
+        inputs: `{"input_ids": [B, T]}` or `{"inputs_embeds": [B, T, H]}`.
+        attention_mask: `[B, T]` (1 = token, 0 = right padding), or None.
+    """
+    name, tokens = next(iter(inputs.items()))
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the model's plain causal mask, as the engine does
     seq_len = tokens.shape[1]
     # The training cache in record mode: each chunk's KV is written once into a buffer sized for the
     # whole document, and attention reads views (transformers' DynamicCache would re-concatenate the
@@ -71,7 +73,15 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
     for number, start in enumerate(range(0, seq_len, chunk_size)):
         end = min(start + chunk_size, seq_len)
         logits = forward_chunk(handle, cache, {name: tokens[:, start:end]}, number=number, start=start,
-                               attention_mask=None if mask is None else mask[:, :end])
+                               attention_mask=None if attention_mask is None else attention_mask[:, :end])
+        yield start, end, logits
+
+
+def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
+    """Yield `(logits [B, c, V], targets [B, c])` chunk by chunk, without autograd."""
+    name = "input_ids" if "input_ids" in batch else "inputs_embeds"
+    targets = shift_labels(batch["labels"])
+    for start, end, logits in chunked_logits(handle, {name: batch[name]}, batch.get("attention_mask"), chunk_size=chunk_size):
         yield logits, targets[:, start:end]
 
 

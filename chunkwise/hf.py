@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .attention import ATTENTION_CHOICES
 from .batch import default_labels
@@ -318,7 +318,8 @@ class ChunkwiseTrainerMixin:
 
     * `training_step` runs `engine.backward` instead of `compute_loss` + `accelerator.backward`, so a
       subclass's `compute_loss` is not called during training (its metrics, e.g. TRL's token accuracy, are
-      not logged) and a custom loss cannot be used: the loss is the token cross-entropy.
+      not logged) and a custom loss cannot be used: the loss is the token cross-entropy (TRL's DPO and GRPO
+      trainers have their own mixins in `chunkwise.trl_trainers`).
     * The batch may hold only `input_ids` (or `inputs_embeds`), `attention_mask` (right padding) and the
       labels; packed / padding-free collators (`position_ids`) are refused. Override `chunkwise_inputs` to
       adapt another batch layout.
@@ -337,7 +338,7 @@ class ChunkwiseTrainerMixin:
         elif not isinstance(chunkwise, ChunkwiseConfig):
             raise TypeError(f"chunkwise must be a ChunkwiseConfig, got {type(chunkwise).__name__}")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None:
+        if isinstance(training_args, TrainingArguments):  # (positional index 1 is another argument in TRL's trainers)
             # Before Trainer.__init__, which would set up the refused feature (or fail on it less clearly).
             check_training_arguments(training_args)
         super().__init__(*args, **kwargs)

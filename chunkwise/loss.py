@@ -47,3 +47,23 @@ def chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each next-token target under `softmax(logits / temperature)`, 0 where ignored.
+
+    The per-token quantity of preference and RL objectives (`chunkwise.objectives`).
+
+    Args:
+        logits: `[B, c, V]` the model's logits for a chunk (half precision is upcast to float32).
+        targets: `[B, c]` next-token targets (from `shift_labels`), -100 where ignored.
+    Returns:
+        `[B, c]` log-probabilities (differentiable where the logits are), exactly 0 at ignored targets.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    valid = targets != IGNORE_INDEX
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(~valid, 0.0)

@@ -37,6 +37,7 @@ from .checkpoint import (CHECKPOINTS, CheckpointError, begin_checkpoint, capture
                          latest_checkpoint, restore_rng_state, verify_checkpoint)
 from .data_parallel import DataParallel
 from .data import PACKING_MODES, SYNTHETIC, collate, pad_token_id, read_sequences, synthetic_task_for
+from .batch import chunk_batch
 from .engine import SeCO, SpaCO
 from .heldout import HeldOutSet, describe_evaluation, evaluate_held_out, file_held_out, synthetic_held_out, write_best
 from .loss import chunk_loss_sum, count_targets, shift_labels
@@ -44,6 +45,9 @@ from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal
 from .plan import PlanError, describe_parts, format_size, parse_bytes, plan_training_step
 from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
 from .run import BEST_EVAL, FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
+from .objectives import OBJECTIVES, Objective, PairedLoss, Policy
+from .preferences import PreferencePair, collate_pairs, read_preference_pairs
+from .reference import ADAPTER_DISABLED, resolve_reference
 from .sampling import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -77,6 +81,14 @@ class TrainConfig:
     """Run directory: metrics.jsonl, loss.png, checkpoints/, model/."""
     method: str = "seco"
     """"seco" (exact gradient), "spaco" (sampled chunks) or "full" (ordinary backprop, for comparison)."""
+    objective: str = "cross-entropy"
+    """"cross-entropy" (language modelling / instruction tuning), or a preference objective on prompt /
+    chosen / rejected data: "dpo", "ipo" (both against a reference model) or "simpo" (reference-free)."""
+    beta: float | None = None
+    """Preference objectives: β (default 0.1 for dpo and ipo, 2.0 for simpo)."""
+    ref_model: str | None = None
+    """dpo / ipo: the reference model (hub id, folder or preset). Default: the trained model with its LoRA
+    adapter disabled, or, for full fine-tuning, a frozen copy of --model."""
     chunk_size: int | str | None = None
     """Tokens per chunk (default 1024; the demo 512), or "auto": the largest that fits the device's free
     memory less a 10% margin, as `chunkwise plan` predicts it (decided before any weight loads)."""
@@ -125,6 +137,10 @@ class TrainConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     """Instruction data: the prompt's tokens are context only (label -100), the response's are the targets."""
+    chosen_field: str = "chosen"
+    """Preference data: the field with the preferred response (the prompt is in --prompt-field, default "prompt")."""
+    rejected_field: str = "rejected"
+    """Preference data: the field with the dispreferred response."""
     split: str = "train"
     packing: str | None = None
     """"pack" (concatenate documents, cut into seq_len blocks; default for text) or "truncate" (one
@@ -175,8 +191,10 @@ class TrainConfig:
             chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, adam_beta2=0.999,
             eval_every=100 if self.eval_data else 0,
             lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
-            packing="truncate" if self.prompt_field else "pack",
+            packing="truncate" if self.prompt_field or self.objective != "cross-entropy" else "pack",
         )
+        if self.objective != "cross-entropy":
+            defaults.update(beta=2.0 if self.objective == "simpo" else 0.1, prompt_field="prompt")
         for name, value in defaults.items():
             if settings[name] is None:
                 settings[name] = value
@@ -251,6 +269,28 @@ class TrainConfig:
             parse_bytes(self.memory, "--memory")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "cross-entropy":
+            if self.beta is not None or self.ref_model is not None:
+                raise ValueError("--beta and --ref-model apply to preference objectives (--objective dpo, ipo, simpo)")
+            return
+        name = f"--objective {self.objective}"
+        if self.data == SYNTHETIC:
+            raise ValueError(f"{name} trains on preference pairs: give --data with prompt / chosen / rejected fields")
+        if self.response_field is not None:
+            raise ValueError(f"{name} reads --chosen-field and --rejected-field, not --response-field")
+        if self.eval_data is not None:
+            raise ValueError(f"{name}: --eval-data scores held-out cross-entropy, not preference pairs; drop --eval-data and --eval-every")
+        if self.packing != "truncate":
+            raise ValueError(f"{name} keeps each preference pair whole: --packing must be truncate")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"--beta must be a positive number, got {self.beta}")
+        if self.objective == "simpo" and self.ref_model is not None:
+            raise ValueError("--objective simpo is reference-free; drop --ref-model")
 
 
 @dataclass
@@ -319,8 +359,14 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     length is within its positions, and `--chunk-size auto` becomes a number (`chunkwise.plan`)."""
     model_config = load_model_config(config.model)
     check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
+    check_reference_config(config, model_config)
     if config.chunk_size != "auto":
         return config
+    if separate_reference(config):
+        raise ValueError(
+            f"--chunk-size auto does not plan the memory of a separate reference model ({config.ref_model or 'a frozen copy of --model'}); "
+            "give --chunk-size, or train LoRA without --ref-model (the reference is then the base model, adapter disabled)"
+        )
     if config.resume:  # the run goes on with the chunks it started with
         return dataclasses.replace(config, chunk_size=read_run_settings(output)["chunk_size"])
     weights, autocast = training_dtypes(config.dtype, device)
@@ -329,7 +375,9 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
             model_config, name=config.model, seq_len=config.seq_len, precision=str(autocast or weights).removeprefix("torch."),
             device=device, method=config.method, offload_kv=config.offload_kv, lora_r=config.lora_r,
             lora_targets=tuple(name.strip() for name in config.lora_targets.split(",") if name.strip()),
-            batch_size=config.batch_size, attention=config.attention, memory=config.memory and parse_bytes(config.memory, "--memory"),
+            # a preference micro-batch holds batch_size pairs: 2 x batch_size rows
+            batch_size=config.batch_size * (1 if config.objective == "cross-entropy" else 2),
+            attention=config.attention, memory=config.memory and parse_bytes(config.memory, "--memory"),
         )
     except PlanError as error:
         raise ValueError(f"--chunk-size auto: {error}") from None
@@ -338,6 +386,24 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
         torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
     log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_size(plan.total(device.type))} ({describe_parts(plan)})")
     return dataclasses.replace(config, chunk_size=int(chunk))
+
+
+def separate_reference(config: TrainConfig) -> bool:
+    """True when a preference run loads a reference model of its own (not the LoRA model's disabled adapter)."""
+    return getattr(OBJECTIVES[config.objective], "needs_reference", False) and (config.ref_model is not None or config.lora_r == 0)
+
+
+def check_reference_config(config: TrainConfig, model_config) -> None:
+    """--ref-model must read the trained model's token ids: compared from the configs, before any weight loads."""
+    if config.ref_model is None:
+        return
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    reference_vocab = getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None)
+    if None not in (vocab, reference_vocab) and vocab != reference_vocab:
+        raise ValueError(
+            f"--ref-model {config.ref_model}: the reference model's vocabulary has {reference_vocab} tokens, {config.model}'s "
+            f"{vocab}; a reference must read the same token ids (use the same base model and tokenizer)"
+        )
 
 
 def tokenizer_for(config: TrainConfig):
@@ -357,6 +423,11 @@ def training_sequences(config: TrainConfig, tokenizer) -> list | None:
         return None
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer, so --data {config.data} cannot be read; use a model folder with its tokenizer")
+    if config.objective != "cross-entropy":
+        return read_preference_pairs(
+            config.data, tokenizer, seq_len=config.seq_len, prompt_field=config.prompt_field,
+            chosen_field=config.chosen_field, rejected_field=config.rejected_field, split=config.split,
+        )
     return read_sequences(
         config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
         prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
@@ -411,6 +482,8 @@ class BatchStream:
             return self.task.batch(index, batch_size=size, seq_len=self.config.seq_len, seed=self.config.seed)
         # Sequence positions index*size ... run through epochs, each a seeded shuffle of the data.
         rows = [self.sequences[self._position(p)] for p in range(index * size, (index + 1) * size)]
+        if isinstance(rows[0], PreferencePair):  # batch_size pairs: the chosen rows, then the rejected ones
+            return collate_pairs(rows, pad_token_id=self.pad)
         return collate(rows, pad_token_id=self.pad)
 
     def _position(self, position: int) -> int:
@@ -484,16 +557,29 @@ def lost_rank_error(error: BaseException, dist: Distributed, config: TrainConfig
 # ----- one optimizer step -----------------------------------------------------------------------------
 
 
-def full_backward(model: torch.nn.Module, batch: dict, num_items: float) -> torch.Tensor:
-    """Ordinary backprop of one micro-batch's summed token loss over `num_items`; returns the detached loss."""
+def full_backward(model: torch.nn.Module, batch: dict, num_items: float, objective: Objective | None = None, policy: Policy | None = None):
+    """Ordinary backprop of one micro-batch's loss over `num_items`; returns the detached loss and the
+    objective's metrics. Cross-entropy by default; another objective runs on the full sequence's logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+    if objective is None:
+        loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+        loss.backward()
+        return loss.detach(), {}
+    handle = policy.handle
+    whole = chunk_batch(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=num_items,
+                        chunk_size=batch["input_ids"].shape[1], vocab_size=handle.vocab_size, hidden_size=handle.hidden_size, device=logits.device)
+    bound = objective.bind(whole, num_items=num_items, policy=policy)
+    loss = bound.full_sequence_loss(logits)
     loss.backward()
-    return loss.detach()
+    return loss.detach(), bound.metrics()
 
 
-def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, backend: DataParallel) -> float:
-    """Fill `.grad` with the gradient of (sum of the step's token losses) / num_items; return that loss."""
+def step_backward(model, engine, batches: list[dict], *, num_items: float, autocast_dtype, device, backend: DataParallel, objective=None, policy=None,
+                  metrics: dict | None = None) -> float:
+    """Fill `.grad` with the gradient of (sum of the step's losses) / num_items; return that loss.
+
+    `metrics`, if given, collects the objective's statistics: a list of per-micro-batch values per name.
+    """
     total = 0.0
     for number, batch in enumerate(batches):
         batch = {key: value.to(device) for key, value in batch.items()}
@@ -501,10 +587,15 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
         with backend.micro_batch(last=number == len(batches) - 1), \
                 torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if engine is None:
-                loss = full_backward(model, batch, num_items)
+                loss, extra = full_backward(model, batch, num_items, objective, policy)
             else:
-                loss = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=num_items).loss
+                out = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
+                                      num_items=num_items, objective=objective)
+                loss, extra = out.loss, out.metrics
         total += float(loss)
+        for key, value in extra.items():
+            if metrics is not None:
+                metrics.setdefault(key, []).append(value)
     return total
 
 
@@ -515,6 +606,13 @@ def _pad_to(batch: dict, width: int, pad: int) -> dict:
         return batch
     fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
     return {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) for key, value in batch.items()}
+
+
+def count_items(batch: dict, objective: Objective | None) -> int:
+    """What a micro-batch's loss is normalised by: its valid targets, or its pairs for a preference objective."""
+    if isinstance(objective, PairedLoss):
+        return batch["input_ids"].shape[0] // 2
+    return count_targets(batch["labels"])
 
 
 @dataclass
@@ -531,6 +629,8 @@ class _Trainer:
     scaler: torch.amp.GradScaler
     data: BatchStream
     autocast_dtype: torch.dtype | None
+    objective: Objective | None = None
+    policy: Policy | None = None
 
 
 def optimizer_step(trainer: _Trainer, step: int) -> dict:
@@ -543,7 +643,7 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     if trainer.engine is not None and trainer.engine.sync.lockstep:
         # ZeRO-3: every rank must run as many chunks as the others (see chunkwise.parallel).
         batches = [_pad_to(batch, config.seq_len, trainer.data.pad) for batch in batches]
-    (global_targets,) = dist.all_sum([float(sum(count_targets(b["labels"]) for b in batches))])
+    (global_targets,) = dist.all_sum([float(sum(count_items(b, trainer.objective) for b in batches))])
     global_targets = max(global_targets, 1.0)
     # DDP averages gradients over ranks; dividing by (all targets / ranks) makes the result the gradient
     # of the mean over every target of the step, as one process with the whole batch. float16: the loss
@@ -551,9 +651,12 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     loss_scale = float(scaler.scale(torch.ones((), device=trainer.device))) if scaler.is_enabled() else 1.0
     num_items = global_targets / dist.world_size / loss_scale
     trainer.model.train()
-    loss_sum = step_backward(trainer.backend.engine_model, trainer.engine, batches, num_items=num_items,
-                             autocast_dtype=trainer.autocast_dtype, device=trainer.device, backend=trainer.backend)
-    (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed token loss, unscaled
+    objective_metrics = {}
+    loss_sum = step_backward(
+        trainer.backend.engine_model, trainer.engine, batches, num_items=num_items, autocast_dtype=trainer.autocast_dtype,
+        device=trainer.device, backend=trainer.backend, objective=trainer.objective, policy=trainer.policy, metrics=objective_metrics,
+    )
+    (loss_sum,) = dist.all_sum([loss_sum * num_items])  # the summed loss, unscaled
     loss = loss_sum / global_targets
 
     # Under float16 an infinite gradient is the scaler's business (it skips the update and lowers the scale).
@@ -572,6 +675,8 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
         "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "lr": trainer.scheduler.get_last_lr()[0],
         "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
         "peak_memory_bytes": peak_memory_bytes(trainer.device),
+        # e.g. DPO's rewards/margins, averaged over this rank's micro-batches
+        **{key: sum(values) / len(values) for key, values in objective_metrics.items()},
     }
 
 
@@ -636,6 +741,7 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     handle = inspect_causal_lm(model)
+    objective = make_objective(config, model, handle, device)
     data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, handle.vocab_size)
     if held_out is None and config.eval_every:  # the synthetic task's own held-out stream
         held_out = synthetic_held_out(data.task or synthetic_task_for(handle.vocab_size), batch_size=config.batch_size,
@@ -688,7 +794,8 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     first_loss = last_loss = None
     interrupted = None
     started = time.perf_counter()
-    trainer = _Trainer(config, dist, device, model, backend, engine, scheduler, scaler, data, autocast_dtype)
+    policy = Policy(backend.engine_model, handle, config.chunk_size)
+    trainer = _Trainer(config, dist, device, model, backend, engine, scheduler, scaler, data, autocast_dtype, objective, policy)
     with StopRequest() as stop, TrainingProgress(total_steps=config.steps, start_step=state["step"], log_every=config.log_every, enabled=config.progress and dist.is_main) as progress:
         progress.held_out(evaluations[-1] if evaluations else None)
         while state["step"] < config.steps:
@@ -752,6 +859,27 @@ def _make_engine(config: TrainConfig, model: torch.nn.Module):
                  offload_kv=config.offload_kv)
 
 
+def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:
+    """The objective of a preference run (None: cross-entropy), with its reference model.
+
+    dpo / ipo compare with a reference: --ref-model, else the trained model with its LoRA adapter
+    disabled, else a frozen copy of --model (loaded again, before training changes anything).
+    """
+    if config.objective == "cross-entropy":
+        return None
+    cls = OBJECTIVES[config.objective]
+    if not cls.needs_reference:
+        return cls(beta=config.beta)
+    if not separate_reference(config):
+        reference = ADAPTER_DISABLED
+    else:
+        weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)
+        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed).to(device).eval()
+        reference.requires_grad_(False)
+    resolve_reference(reference, model, handle, owner="--ref-model")  # a wrong vocabulary fails now, not at step 1
+    return cls(beta=config.beta, reference=reference)
+
+
 def _stop_requested(stop: StopRequest, dist: Distributed) -> bool:
     """Every rank stops at the same step if any rank got a signal (no rank waits in a collective alone)."""
     (requests,) = dist.all_sum([1.0 if stop.signal is not None else 0.0])
@@ -763,8 +891,12 @@ def _describe(config: TrainConfig, model, device, dist: Distributed, num_sequenc
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     trainable = sum(n for n, grad in sizes if grad)
     total = sum(n for n, _ in sizes)
-    what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} sequences)"
+    unit = "sequences" if config.objective == "cross-entropy" else "preference pairs"
+    what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({num_sequences} {unit})"
     method = config.method + (f" (budget {config.budget}, {config.sampling})" if config.method == "spaco" else "")
+    if config.objective != "cross-entropy":
+        reference = "" if config.objective == "simpo" else f", reference {config.ref_model or ('the base model (adapter disabled)' if config.lora_r else 'a frozen copy of --model')}"
+        method += f", objective {config.objective} (beta {config.beta:g}{reference})"
     return (
         f"chunkwise train: {config.model} ({trainable:,} of {total:,} parameters trained"
         f"{', LoRA r=' + str(config.lora_r) if config.lora_r else ''}) on {device}"

@@ -70,3 +70,11 @@ def max_relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torc
         scale = ref.abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def loss_and_gradients(model, loss_fn):
+    """Zero the gradients, backpropagate `loss_fn()` (a scalar built from `model`), return (detached loss, grads)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), trainable_grads(model)
