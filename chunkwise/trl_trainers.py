@@ -52,6 +52,12 @@ class _ChunkwiseLossMixin(ChunkwiseTrainerMixin):
     def _check_trainer_setup(self) -> None:
         super()._check_trainer_setup()
         problems = self.chunkwise_unsupported()
+        if getattr(self, "is_deepspeed_enabled", False):
+            # TRL's training_step hands our detached loss to accelerate's DeepSpeed backward and step, which
+            # never see the engine's gradients: the optimizer would not step on them. ChunkwiseTrainer's own
+            # step drives DeepSpeed itself; these mixins do not (yet).
+            problems.append("DeepSpeed (TrainingArguments.deepspeed): the TRL mixins do not drive DeepSpeed's "
+                            "step; train under DDP (torchrun / accelerate launch without a DeepSpeed config)")
         if problems:
             raise ValueError(f"{type(self).__name__} cannot train these settings chunk-wise:\n- " + "\n- ".join(problems))
 

@@ -161,6 +161,18 @@ def test_dpo_mixin_refuses_what_it_cannot_train(tmp_path):
                             args=args, train_dataset=preference_dataset(), processing_class=tokenizer())
 
 
+def test_trl_mixins_refuse_deepspeed(tmp_path):
+    # TRL's training_step would hand the detached loss to accelerate's DeepSpeed backward/step, which never
+    # see the engine's gradients: refused rather than silently not training.
+    trainer = ChunkwiseDPOTrainer(model=policy_model(False), ref_model=build_tiny_model("demo-llama", dtype=torch.float64, seed=1),
+                                  args=trl.DPOConfig(output_dir=str(tmp_path), **COMMON), train_dataset=preference_dataset(),
+                                  processing_class=tokenizer())
+    trainer._check_trainer_setup()  # as built: accepted
+    trainer.is_deepspeed_enabled = True  # what Trainer sets when accelerate holds a DeepSpeed plugin
+    with pytest.raises(ValueError, match="DeepSpeed.*train under DDP"):
+        trainer._check_trainer_setup()
+
+
 # ----- GRPO ---------------------------------------------------------------------------------------------
 
 
