@@ -57,7 +57,7 @@ class _ChunkwiseLossMixin(ChunkwiseTrainerMixin):
             # never see the engine's gradients: the optimizer would not step on them. ChunkwiseTrainer's own
             # step drives DeepSpeed itself; these mixins do not (yet).
             problems.append("DeepSpeed (TrainingArguments.deepspeed): the TRL mixins do not drive DeepSpeed's "
-                            "step; train under DDP (torchrun / accelerate launch without a DeepSpeed config)")
+                            "step; train without a DeepSpeed config (one process, or DDP through torchrun / accelerate launch)")
         if problems:
             raise ValueError(f"{type(self).__name__} cannot train these settings chunk-wise:\n- " + "\n- ".join(problems))
 

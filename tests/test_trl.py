@@ -169,7 +169,7 @@ def test_trl_mixins_refuse_deepspeed(tmp_path):
                                   processing_class=tokenizer())
     trainer._check_trainer_setup()  # as built: accepted
     trainer.is_deepspeed_enabled = True  # what Trainer sets when accelerate holds a DeepSpeed plugin
-    with pytest.raises(ValueError, match="DeepSpeed.*train under DDP"):
+    with pytest.raises(ValueError, match="DeepSpeed.*train without a DeepSpeed config"):
         trainer._check_trainer_setup()
 
 
