@@ -13,22 +13,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import full_backward, max_relative_error, trainable_grads  # noqa: E402
-
-from chunkwise import SeCO  # noqa: E402
-from chunkwise.models import build_tiny_model  # noqa: E402
+from reference import bf16_autocast_errors  # noqa: E402
 
 
 def errors(seed: int, length: int, chunk: int) -> tuple[float, float]:
     input_ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(seed))
-    _, truth = full_backward(build_tiny_model("tiny-llama", dtype=torch.float64, seed=seed), input_ids)
-    truth = {name: g.float() for name, g in truth.items()}
-    model = build_tiny_model("tiny-llama", dtype=torch.float32, seed=seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, full = full_backward(model, input_ids)
-        model.zero_grad(set_to_none=True)
-        SeCO(model, chunk_size=chunk).backward(input_ids)
-    return max_relative_error(full, truth), max_relative_error(trainable_grads(model), truth)
+    full, seco, _ = bf16_autocast_errors(input_ids, seed=seed, chunk_size=chunk)
+    return full, seco
 
 
 if __name__ == "__main__":

@@ -62,6 +62,30 @@ def chunk_by_chunk_backward(model, input_ids, *, chunk_size, labels=None):
     return total.detach(), trainable_grads(model)
 
 
+def float64_truth(preset: str, input_ids: torch.Tensor, *, seed: int) -> dict[str, torch.Tensor]:
+    """The float64 full-backprop gradient of the tiny `preset` built with `seed`, as float32: the truth that
+    lower-precision gradients of the same weights are judged against."""
+    from chunkwise.models import build_tiny_model
+
+    _, truth = full_backward(build_tiny_model(preset, dtype=torch.float64, seed=seed), input_ids)
+    return {name: g.float() for name, g in truth.items()}
+
+
+def bf16_autocast_errors(input_ids: torch.Tensor, *, seed: int, chunk_size: int, preset: str = "tiny-llama"):
+    """Under bfloat16 autocast with float32 weights: (full backprop's, SeCO's) max relative gradient error
+    against `float64_truth`, and SeCO's `BackwardOutput`. `input_ids` `[B, T]`."""
+    from chunkwise import SeCO
+    from chunkwise.models import build_tiny_model
+
+    truth = float64_truth(preset, input_ids, seed=seed)
+    model = build_tiny_model(preset, dtype=torch.float32, seed=seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, full = full_backward(model, input_ids)
+        model.zero_grad(set_to_none=True)
+        out = SeCO(model, chunk_size=chunk_size).backward(input_ids)
+    return max_relative_error(full, truth), max_relative_error(trainable_grads(model), truth), out
+
+
 def max_relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     """Largest per-tensor error, max|g - ref| / max|ref| (a tensor whose reference is all zero must be zero)."""
     worst = 0.0

@@ -9,7 +9,7 @@ gradient gives errors of order 1. The bound 2.0 sits well outside that spread.
 
 import pytest
 import torch
-from reference import full_backward, max_relative_error, trainable_grads
+from reference import bf16_autocast_errors, float64_truth, full_backward, max_relative_error, trainable_grads
 
 from chunkwise import SeCO
 from chunkwise.models import build_tiny_model
@@ -18,17 +18,7 @@ from chunkwise.models import build_tiny_model
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_autocast_matches_full_backprop_accuracy(seed):
     input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(seed))
-    _, truth = full_backward(build_tiny_model("tiny-llama", dtype=torch.float64, seed=seed), input_ids)
-    truth = {name: g.float() for name, g in truth.items()}
-
-    model = build_tiny_model("tiny-llama", dtype=torch.float32, seed=seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, full = full_backward(model, input_ids)
-        model.zero_grad(set_to_none=True)
-        out = SeCO(model, chunk_size=8).backward(input_ids)
-    seco = trainable_grads(model)
-
-    full_error, seco_error = max_relative_error(full, truth), max_relative_error(seco, truth)
+    full_error, seco_error, out = bf16_autocast_errors(input_ids, seed=seed, chunk_size=8)
     assert seco_error < 0.05, f"SeCO bf16 gradient error {seco_error:.3g} is not bf16 rounding"
     assert seco_error <= 2.0 * full_error, f"SeCO error {seco_error:.3g} vs full backprop {full_error:.3g}"
     assert out.loss.dtype == torch.float32  # bf16 logits are upcast for the loss, as transformers does
@@ -71,8 +61,7 @@ def test_the_cache_keeps_kv_and_its_gradient_in_the_autocast_dtype(caches):
 
 def test_bf16_cache_error_over_many_chunks_and_offload_changes_no_bit():
     seed, input_ids = 0, torch.randint(0, 128, (2, 192), generator=torch.Generator().manual_seed(0))
-    _, truth = full_backward(build_tiny_model("tiny-llama", dtype=torch.float64, seed=seed), input_ids)
-    truth = {name: g.float() for name, g in truth.items()}
+    truth = float64_truth("tiny-llama", input_ids, seed=seed)
     model = build_tiny_model("tiny-llama", dtype=torch.float32, seed=seed)
     grads = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
