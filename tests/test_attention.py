@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from reference import full_backward, max_relative_error, trainable_grads
 from transformers.integrations.sdpa_attention import repeat_kv
 
-import chunkwise.attention as attention
-import chunkwise.kernels as kernels
+import chunkwise.attention.chunk as attention
+import chunkwise.attention.kernels as kernels
 from chunkwise import SeCO, SpaCO
-from chunkwise.attention import ATTENTION_NAME, _BlockedAttention, _SplitAttention, causal_chunk_attention
-from chunkwise.models import build_tiny_model
+from chunkwise.attention.chunk import ATTENTION_NAME, _BlockedAttention, _SplitAttention, causal_chunk_attention
+from chunkwise.models.presets import build_tiny_model
 
 F64_TOL = 1e-12  # kernel vs SDPA in float64: measured <= 4e-16 absolute on unit-scale inputs
 

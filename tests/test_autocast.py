@@ -12,7 +12,7 @@ import torch
 from reference import bf16_autocast_errors, float64_truth, full_backward, max_relative_error, trainable_grads
 
 from chunkwise import SeCO
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -33,7 +33,7 @@ def test_bf16_autocast_matches_full_backprop_accuracy(seed):
 @pytest.fixture
 def caches(monkeypatch):
     """Every ChunkCache the engine makes during the test."""
-    import chunkwise.engine as engine
+    import chunkwise.core.engine as engine
 
     made = []
 

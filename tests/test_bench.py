@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from chunkwise import bench
-from chunkwise.bench import DEFAULT_METHODS, BenchCase, BenchSettings, CaseResult, longest_within, run_case
-from chunkwise.cli import main, parse_bytes
+from chunkwise.cli.main import main, parse_bytes
+from chunkwise.tools.bench import runner as bench
+from chunkwise.tools.bench.runner import DEFAULT_METHODS, BenchCase, BenchSettings, CaseResult, longest_within, run_case
 
 QUICK_PARAMETERS = 887_424  # the `quick` model: vocab 2048, hidden 128, 2 layers, intermediate 344
 

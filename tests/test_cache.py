@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chunkwise.cache import ChunkCache
+from chunkwise.core.cache import ChunkCache
 
 B, H, D = 2, 3, 4
 LAYERS = 2

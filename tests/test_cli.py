@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from chunkwise.cli import main
-from chunkwise.models import build_tiny_model
+from chunkwise.cli.main import main
+from chunkwise.models.presets import build_tiny_model
 
 
 def test_verify_passes_on_a_tiny_preset(capsys):

@@ -14,17 +14,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from chunkwise.data import (
-    IGNORE_INDEX,
-    DataError,
-    Record,
-    Sequence,
-    TokenizedDocument,
-    collate,
-    load_records,
-    make_sequences,
-    tokenize_records,
-)
+from chunkwise.core.loss import IGNORE_INDEX
+from chunkwise.data.files import DataError, Record, load_records
+from chunkwise.data.sequences import Sequence, TokenizedDocument, collate, make_sequences, tokenize_records
 
 # Word-level vocabulary: "one".."ten" are ids 4..13, so expected ids can be read off the words.
 WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "Q:", "A:"]

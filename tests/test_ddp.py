@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from chunkwise import SeCO
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 WORLD, SEQ, CHUNK = 2, 21, 4  # 6 chunks per sequence
 

@@ -5,8 +5,8 @@ import torch
 from reference import max_relative_error
 
 from chunkwise import SeCO, SpaCO
-from chunkwise.loss import chunk_loss_sum, shift_labels
-from chunkwise.models import build_tiny_model
+from chunkwise.core.loss import chunk_loss_sum, shift_labels
+from chunkwise.models.presets import build_tiny_model
 
 SEQ, CHUNK, HIDDEN = 23, 5, 64
 

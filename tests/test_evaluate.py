@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkwise.evaluate import score_batch
-from chunkwise.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from chunkwise.models import build_tiny_model, inspect_causal_lm
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.inference import score_batch
+from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+from chunkwise.models.presets import build_tiny_model
 
 
 def full_forward_scores(model, batch):

@@ -17,11 +17,11 @@ import torch
 from reference import full_backward, max_relative_error, trainable_grads
 from test_attention import make_ids
 
-import chunkwise.attention as attention
-import chunkwise.kernels as kernels
+import chunkwise.attention.chunk as attention
+import chunkwise.attention.kernels as kernels
 from chunkwise import SeCO
-from chunkwise.attention import split_attention
-from chunkwise.models import build_tiny_model
+from chunkwise.attention.chunk import split_attention
+from chunkwise.models.presets import build_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")

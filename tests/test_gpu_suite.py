@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-import chunkwise.gpu_suite as gpu_suite
-from chunkwise.gpu_suite import dry_plan, plan_jobs, run_jobs, run_suite
+import chunkwise.tools.gpu_suite as gpu_suite
+from chunkwise.tools.gpu_suite import dry_plan, plan_jobs, run_jobs, run_suite
 
 
 def test_dry_run_measures_every_section_and_writes_as_it_goes(tmp_path):

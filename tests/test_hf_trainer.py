@@ -27,10 +27,10 @@ from peft import LoraConfig, get_peft_model
 from reference import max_relative_error
 from transformers import Trainer, TrainingArguments
 
-import chunkwise.hf as hf
-from chunkwise.hf import ChunkwiseConfig, ChunkwiseTrainer, ChunkwiseTrainerMixin
-from chunkwise.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from chunkwise.models import build_tiny_model
+import chunkwise.integrations.trainer as hf
+from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+from chunkwise.integrations.trainer import ChunkwiseConfig, ChunkwiseTrainer, ChunkwiseTrainerMixin
+from chunkwise.models.presets import build_tiny_model
 
 SEQ_LEN, CHUNK = 24, 5
 F64_TOL = 1e-10  # measured: parameter updates agree to 2e-14..1e-13 relative (max_relative_error)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chunkwise import SeCO, SpaCO
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 VOCAB = 128
 

@@ -25,10 +25,10 @@ import pytest
 import torch
 from test_attention import F64_TOL, random_inputs, sdpa_reference
 
-import chunkwise.attention as attention
-import chunkwise.kernels as kernels
-from chunkwise.attention import causal_chunk_attention, split_attention
-from chunkwise.kernels import CPU_FLASH, CUDA_CUDNN, CUDA_EFFICIENT, CUDA_FLASH, check_errors, pad_lse, select_kernel
+import chunkwise.attention.chunk as attention
+import chunkwise.attention.kernels as kernels
+from chunkwise.attention.chunk import causal_chunk_attention, split_attention
+from chunkwise.attention.kernels import CPU_FLASH, CUDA_CUDNN, CUDA_EFFICIENT, CUDA_FLASH, check_errors, pad_lse, select_kernel
 
 CUDA_KERNELS = [CUDA_FLASH, CUDA_EFFICIENT, CUDA_CUDNN]
 

@@ -6,7 +6,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from chunkwise import SeCO
-from chunkwise.models import TINY_PRESETS, build_tiny_model, inspect_causal_lm, load_causal_lm
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.models.loading import load_causal_lm
+from chunkwise.models.presets import TINY_PRESETS, build_tiny_model
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)

@@ -29,9 +29,9 @@ from test_seco_exactness import lora_model
 from test_spaco import FixedSelection, _norms_in_model_dtype, expected_gradient
 
 from chunkwise import SeCO, SpaCO
-from chunkwise.models import build_tiny_model
-from chunkwise.objectives import DPO, GRPO, IPO, CrossEntropy, SimPO, TokenLoss
-from chunkwise.reference import ADAPTER_DISABLED
+from chunkwise.core.objectives import DPO, GRPO, IPO, CrossEntropy, SimPO, TokenLoss
+from chunkwise.core.reference import ADAPTER_DISABLED
+from chunkwise.models.presets import build_tiny_model
 
 VOCAB = 128
 TOL = 1e-10

@@ -15,10 +15,10 @@ import torch
 from reference import trainable_grads
 from test_attention import make_ids
 
-import chunkwise.attention as attention
+import chunkwise.attention.chunk as attention
 from chunkwise import SeCO, SpaCO
-from chunkwise.models import build_tiny_model
-from chunkwise.offload import BlockStreamer, time_major
+from chunkwise.attention.offload import BlockStreamer, time_major
+from chunkwise.models.presets import build_tiny_model
 
 
 def test_blocks_alternate_between_two_buffers_and_hold_the_host_data():

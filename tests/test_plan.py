@@ -14,17 +14,27 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen3Config, T5Config
 
-import chunkwise.attention as attention_module
-from chunkwise.attention import chunk_attention
-from chunkwise.batch import chunk_batch
-from chunkwise.cache import ChunkCache
-from chunkwise.cli import main
-from chunkwise.engine import _chunk_inputs, forward_checkpoints
-from chunkwise.hf import ChunkwiseConfig, plan_for_model
-from chunkwise.models import build_tiny_model, inspect_causal_lm
-from chunkwise.layer_trace import LayerCost
-from chunkwise.plan import MIN_AUTO_CHUNK, Budget, ModelShape, PlanError, Training, build_report, fit_chunk_size, method_plan
-from chunkwise.train import TrainConfig, train
+import chunkwise.attention.chunk as attention_module
+from chunkwise.attention.chunk import chunk_attention
+from chunkwise.cli.main import main
+from chunkwise.core.batch import chunk_batch
+from chunkwise.core.cache import ChunkCache
+from chunkwise.core.engine import _chunk_inputs, forward_checkpoints
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.integrations.trainer import ChunkwiseConfig, plan_for_model
+from chunkwise.models.presets import build_tiny_model
+from chunkwise.plan.layers import LayerCost
+from chunkwise.plan.memory import (
+    MIN_AUTO_CHUNK,
+    Budget,
+    ModelShape,
+    PlanError,
+    Training,
+    build_report,
+    fit_chunk_size,
+    method_plan,
+)
+from chunkwise.recipes.train.recipe import TrainConfig, train
 
 MiB = 1 << 20
 VOCAB = 1000
@@ -149,7 +159,7 @@ def test_tiny_llama_breakdown_is_the_documented_one():
 
 
 def test_llama_8b_lora_breakdown_is_the_documented_one():
-    from chunkwise.bench import BENCH_MODELS
+    from chunkwise.tools.bench.runner import BENCH_MODELS
 
     shape = ModelShape.from_config(LlamaConfig(**BENCH_MODELS["llama-8b"]), name="llama-8b")
     training = Training.from_precision("bfloat16", device_type="cuda", lora_r=8)
@@ -226,8 +236,8 @@ def test_train_auto_chunk_size_is_decided_before_loading(tmp_path, monkeypatch, 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("chunkwise.train.load_causal_lm", no_weights)
-    monkeypatch.setattr("chunkwise.train.tokenizer_for", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match=r"--chunk-size auto: 512 tokens x 1 do not fit: seco with 64-token chunks needs"):
         train(TrainConfig(output=str(tmp_path / "small"), memory="1MiB", **config), log=lambda line: None)
     assert not (tmp_path / "small").exists()
@@ -259,7 +269,7 @@ def test_trainer_auto_chunk_size_follows_the_budget():
 def test_trainer_takes_the_auto_chunk_in_its_steps(tmp_path):
     from test_hf_trainer import ListDataset, training_args
 
-    from chunkwise.hf import ChunkwiseTrainer
+    from chunkwise.integrations.trainer import ChunkwiseTrainer
 
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "attention_mask": torch.ones(256, dtype=torch.long), "labels": ids.clone()}
@@ -300,7 +310,7 @@ def test_train_refuses_a_length_beyond_the_positions_from_the_config_alone(tmp_p
     def no_weights(*args, **kwargs):
         raise AssertionError("weights or tokenizer were loaded")
 
-    monkeypatch.setattr("chunkwise.train.load_causal_lm", no_weights)
-    monkeypatch.setattr("chunkwise.train.tokenizer_for", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match="--seq-len 8192 is above the model's position limit max_position_embeddings=4096"):
         train(TrainConfig(model=str(tmp_path / "model"), seq_len=8192, output=str(tmp_path / "run"), progress=False))

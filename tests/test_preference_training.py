@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
-from chunkwise.cli import main
-from chunkwise.data import DataError
-from chunkwise.preferences import pair_batch, read_preference_pairs
-from chunkwise.train import TrainConfig, train
+from chunkwise.cli.main import main
+from chunkwise.data.files import DataError
+from chunkwise.data.preferences import pair_batch, read_preference_pairs
+from chunkwise.recipes.train.recipe import TrainConfig, train
 
 
 def write_preferences(path, count=6, filler=24):
@@ -79,7 +79,7 @@ def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, mes
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("chunkwise.train.load_causal_lm", no_weights)  # each is refused from the configs alone
+    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)  # each is refused from the configs alone
     with pytest.raises(ValueError, match=message):
         train(settings(tmp_path, **overrides), log=lambda _: None)
     assert not (tmp_path / "run").exists()
@@ -87,7 +87,7 @@ def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, mes
 
 def test_auto_chunk_size_plans_both_rows_of_each_pair(tmp_path):
     """LoRA DPO with 2 pairs per micro-batch is planned as 4 rows: the chunk cross-entropy gets with 4 sequences."""
-    from chunkwise.train import Distributed, check_before_loading
+    from chunkwise.recipes.train.recipe import Distributed, check_before_loading
 
     def chosen(**overrides):
         config = settings(tmp_path, model="tiny-llama", lora_r=4, seq_len=512, chunk_size="auto", memory="10MiB", **overrides).resolved()
@@ -98,7 +98,7 @@ def test_auto_chunk_size_plans_both_rows_of_each_pair(tmp_path):
 
 
 def test_preference_data_errors_name_the_line(tmp_path):
-    from chunkwise.data import DEMO_TASK
+    from chunkwise.data.synthetic import DEMO_TASK
 
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps({"prompt": "k1", "chosen": "v1", "rejected": "v2"}) + "\n" + json.dumps({"prompt": "k1", "chosen": "v1"}) + "\n")

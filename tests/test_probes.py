@@ -9,11 +9,12 @@ import re
 import pytest
 import torch
 
-from chunkwise.cli import main
-from chunkwise.data import DEMO_TASK
-from chunkwise.generate import greedy_generate
-from chunkwise.models import build_tiny_model, inspect_causal_lm
-from chunkwise.probes import English, Probe, RecallWords, build_probe, probe_language
+from chunkwise.cli.main import main
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.inference import greedy_generate
+from chunkwise.data.probes import English, Probe, RecallWords, build_probe, probe_language
+from chunkwise.data.synthetic import DEMO_TASK
+from chunkwise.models.presets import build_tiny_model
 
 
 def bpe_tokenizer():

@@ -29,7 +29,7 @@ from reference import chunk_by_chunk_backward, full_backward, max_relative_error
 from transformers import AutoModelForCausalLM
 
 from chunkwise import SeCO
-from chunkwise.models import TINY_PRESETS, build_tiny_model
+from chunkwise.models.presets import TINY_PRESETS, build_tiny_model
 
 SEQ_LEN = 29  # ragged for chunk size 5 (last chunk has 4 tokens)
 VOCAB = 128

@@ -32,9 +32,9 @@ from multirank import CollectiveLog, run_ranks
 from reference import max_relative_error
 
 from chunkwise import SeCO
-from chunkwise.hf import ChunkwiseConfig, ChunkwiseTrainer
-from chunkwise.models import build_tiny_model
-from chunkwise.parallel import shard_fsdp2
+from chunkwise.core.sync import shard_fsdp2
+from chunkwise.integrations.trainer import ChunkwiseConfig, ChunkwiseTrainer
+from chunkwise.models.presets import build_tiny_model
 
 WORLD, SEQ = 2, 24
 LR = 0.1

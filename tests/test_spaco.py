@@ -28,12 +28,12 @@ import types
 
 import pytest
 import torch
+from reference import max_relative_error, trainable_grads
 from transformers import DynamicCache
 
 from chunkwise import BernoulliSampler, ChunkSampler, SeCO, SpaCO, UniformSampler
-from chunkwise.loss import chunk_loss_sum, shift_labels
-from chunkwise.models import build_tiny_model
-from reference import max_relative_error, trainable_grads
+from chunkwise.core.loss import chunk_loss_sum, shift_labels
+from chunkwise.models.presets import build_tiny_model
 
 VOCAB = 128
 CHUNK = 4

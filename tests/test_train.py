@@ -18,11 +18,11 @@ import torch
 from multirank import assert_launch_succeeded, run_launcher, torchrun
 from safetensors.torch import load_file
 
-from chunkwise.checkpoint import latest_checkpoint
-from chunkwise.cli import main
-from chunkwise.data import RecallTask
-from chunkwise.models import build_tiny_model
-from chunkwise.train import TrainConfig, TrainingError, train
+from chunkwise.cli.main import main
+from chunkwise.data.synthetic import RecallTask
+from chunkwise.models.presets import build_tiny_model
+from chunkwise.recipes.checkpoint import latest_checkpoint
+from chunkwise.recipes.train.recipe import TrainConfig, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(100)]
@@ -255,7 +255,7 @@ def test_bad_options_get_one_line(tmp_path, capsys, model_dir, arguments, expect
 
 
 def test_data_problems_get_one_line(tmp_path, capsys, model_dir, monkeypatch):
-    import chunkwise.train as recipe
+    import chunkwise.recipes.train.recipe as recipe
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
@@ -329,7 +329,7 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch, model_dir, text_file):
-    import chunkwise.train as recipe
+    import chunkwise.recipes.train.recipe as recipe
 
     real = recipe.step_backward
     calls = {"n": 0}

@@ -25,12 +25,12 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from reference import loss_and_gradients, max_relative_error, trainable_grads  # noqa: E402
-
-from chunkwise.data import DEMO_TASK  # noqa: E402
-from chunkwise.hf import ChunkwiseConfig  # noqa: E402
-from chunkwise.models import build_tiny_model  # noqa: E402
-from chunkwise.trl_trainers import ChunkwiseDPOTrainer, ChunkwiseGRPOTrainer, right_padded  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
+
+from chunkwise.data.synthetic import DEMO_TASK  # noqa: E402
+from chunkwise.integrations.trainer import ChunkwiseConfig  # noqa: E402
+from chunkwise.integrations.trl import ChunkwiseDPOTrainer, ChunkwiseGRPOTrainer, right_padded  # noqa: E402
+from chunkwise.models.presets import build_tiny_model  # noqa: E402
 
 TOL = 1e-10
 COMMON = dict(report_to=[], bf16=False, activation_checkpointing=False, save_strategy="no", logging_steps=1,

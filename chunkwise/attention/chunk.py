@@ -24,11 +24,11 @@ buffers and chunk-sized tensors.
 Two implementations of the same function:
 
 * `_SplitAttention`: each part is one call of a fused kernel that returns its log-sum-exp
-  (`chunkwise.kernels`: PyTorch's CPU flash kernel; on CUDA its flash, memory-efficient or cuDNN
+  (`chunkwise.attention.kernels`: PyTorch's CPU flash kernel; on CUDA its flash, memory-efficient or cuDNN
   kernel), chosen per device, dtype and head dim, and checked against float64 math attention the first
   time it is used in the process. The past is cut into `PAST_BLOCK`-key blocks merged one by one. With an
   offloaded cache, `_OffloadedSplitAttention` runs the same arithmetic on blocks streamed from the host
-  (`chunkwise.offload`).
+  (`chunkwise.attention.offload`).
 * `_BlockedAttention` (the last resort: no kernel passed its check, e.g. float64 on a GPU): plain
   tensor ops, the keys processed in blocks with an online softmax.
 
@@ -49,14 +49,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels import CPU_FLASH, PartKernel, merge_parts, select_kernel
-from .offload import OffloadedPast, claim
+from chunkwise.attention.kernels import CPU_FLASH, PartKernel, merge_parts, select_kernel
+from chunkwise.attention.offload import OffloadedPast, claim
 
 ATTENTION_NAME = "chunkwise_sdpa"
 ATTENTION_CHOICES = ("chunkwise", "model")
 
 
-# ----- fused kernels (chunkwise.kernels), run on the two parts ----------------------------------------
+# ----- fused kernels (chunkwise.attention.kernels), run on the two parts ----------------------------------------
 
 # Keys of the past per kernel call. The past is cut at multiples of this, offloaded or not, so that
 # offloading changes no bit of the result; an offloaded past streams to the device in blocks this long.

@@ -1,6 +1,6 @@
 """Fused attention kernels for the two parts of a chunk's attention, chosen per device and checked on first use.
 
-`chunkwise.attention` splits a chunk's attention into a past part (no mask) and an own part (causal) and
+`chunkwise.attention.chunk` splits a chunk's attention into a past part (no mask) and an own part (causal) and
 merges them by log-sum-exp (see its docstring). Each part is one call of a *part kernel*: softmax
 attention of `Sq` queries over `Sk` keys with as many key heads as query heads, returning the output
 and the log-sum-exp (LSE) of each query's scores, and a backward that takes the *merged* output and LSE.

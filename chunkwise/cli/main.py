@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .plan import parse_bytes  # noqa: F401  (also `chunkwise bench`'s byte options)
+from chunkwise.recipes.checkpoint import CheckpointError
+from chunkwise.utils.memory import parse_bytes  # noqa: F401  (also `chunkwise bench`'s byte options)
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # Default pass/fail line per dtype. Differences from chunking are rounding only (Llama-like models show
@@ -29,19 +29,6 @@ DEFAULT_TOLERANCE = {"float64": 1e-6, "float32": 1e-3, "bfloat16": 1e-1}
 
 class UsageError(Exception):
     """A problem with the user's input: printed as one line, no stack trace (unless --debug)."""
-
-
-def _add_lora(model: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
-    # LoRA starts with B = 0, where A's gradient is exactly zero and proves nothing: perturb B.
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            with torch.no_grad():
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return model
 
 
 def verify(
@@ -60,8 +47,8 @@ def verify(
     from rich.console import Console
     from rich.table import Table
 
-    from .models import load_causal_lm
-    from .verify import compare_gradients
+    from chunkwise.models.loading import add_lora, load_causal_lm
+    from chunkwise.recipes.verify import compare_gradients
 
     if seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2 (one token predicts the next), got {seq_len}")
@@ -78,7 +65,8 @@ def verify(
         console = Console(width=140)
     lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed).to(device)
     if lora_r > 0:
-        lm = _add_lora(lm, lora_r, seed)
+        # LoRA starts with B = 0, where A's gradient is exactly zero and proves nothing: draw B.
+        lm = add_lora(lm, rank=lora_r, random_b=0.02, seed=seed)
     report = compare_gradients(lm, seq_len=seq_len, chunk_size=chunk_size, batch_size=batch_size, seed=seed)
 
     num_chunks = math.ceil(seq_len / chunk_size)
@@ -160,18 +148,18 @@ def bench(
 ) -> int:
     """Benchmark step time and peak memory per method and length; write bench.md/json/png to `output`.
 
-    With `suite="gpu"`: the one-shot GPU suite (`chunkwise.gpu_suite`) instead, writing suite.json and
+    With `suite="gpu"`: the one-shot GPU suite (`chunkwise.tools.gpu_suite`) instead, writing suite.json and
     suite.md to `output`; `dry_run` runs it on CPU with a tiny model.
 
     Returns 0 when every case ran or ran out of memory, 1 when a case failed otherwise.
     """
     if suite is not None:
-        from .gpu_suite import run as run_suite
+        from chunkwise.tools.gpu_suite import run as run_suite
 
         return run_suite(output=output, dry_run=dry_run, device=None if device == "auto" else device)
     if dry_run:
         raise UsageError("--dry-run goes with --suite gpu")
-    from .bench import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
+    from chunkwise.tools.bench.runner import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,8 +221,8 @@ def plan(
     """
     import json
 
-    from .models import DEMO_MODEL
-    from .plan import Budget, ModelShape, Training, build_report, device_budget
+    from chunkwise.models.presets import DEMO_MODEL
+    from chunkwise.plan.memory import Budget, ModelShape, Training, build_report, device_budget
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,12 +256,13 @@ def _print_plan(report, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .plan import LONGEST_SEARCH_LIMIT, describe_parts, format_size
+    from chunkwise.plan.memory import LONGEST_SEARCH_LIMIT, describe_parts
+    from chunkwise.utils.memory import format_bytes as format_bytes
 
     shape, training, budget = report.shape, report.training, report.budget
 
     def size(count: int | None) -> str:
-        return format_size(count) if count else "–"
+        return format_bytes(count) if count else "–"
 
     trained = f"LoRA r={training.lora_r} on {','.join(training.lora_targets)}" if training.lora else "all parameters trained"
     console = Console(width=170)
@@ -323,8 +312,9 @@ def _print_plan(report, device: str) -> None:
 
 def train(given: dict) -> int:
     """`chunkwise train`: options the user gave override the run's saved settings (on --resume) or the defaults."""
-    from .run import is_run_directory, read_run_settings
-    from .train import TrainConfig, TrainingError, train as run_training
+    from chunkwise.recipes.run import is_run_directory, read_run_settings
+    from chunkwise.recipes.train.recipe import TrainConfig, TrainingError
+    from chunkwise.recipes.train.recipe import train as run_training
 
     output = given.get("output", TrainConfig.output)
     settings = {}
@@ -348,7 +338,7 @@ def _print_summary(result) -> None:
     print(f"loss: {result.first_loss:.4f} at the first step -> {result.last_loss:.4f} at step {result.step}"
           + (f" ({result.skipped_steps} steps skipped: non-finite)" if result.skipped_steps else ""))
     if result.evaluations:
-        from .heldout import best_evaluation
+        from chunkwise.recipes.train.heldout import best_evaluation
 
         first, last, best = result.evaluations[0], result.evaluations[-1], best_evaluation(result.evaluations)
         chance = f" (chance {last['chance']:.1%})" if "chance" in last else ""
@@ -365,8 +355,9 @@ def evaluate(given: dict, *, as_json: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import EvalConfig, evaluate as run_evaluation
-    from .reporting import format_bytes
+    from chunkwise.recipes.evaluate import EvalConfig
+    from chunkwise.recipes.evaluate import evaluate as run_evaluation
+    from chunkwise.utils.memory import format_bytes
 
     task, depths, num_probes, output = (given.pop(name) for name in ("task", "depths", "num_probes", "output"))
     if task != "lm":
@@ -399,8 +390,8 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
     from rich.console import Console
     from rich.table import Table
 
-    from .probe_eval import DEFAULT_DEPTHS, ProbeConfig, run_probes, write_report
-    from .reporting import format_bytes
+    from chunkwise.recipes.probe import DEFAULT_DEPTHS, ProbeConfig, run_probes, write_report
+    from chunkwise.utils.memory import format_bytes
 
     unused = [f"--{name.replace('_', '-')}" for name in ("data", "text_field", "prompt_field", "response_field")
               if given.get(name) not in (None, "text")] + (["--batch-size"] if given.get("batch_size") != 1 else [])
@@ -634,6 +625,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import IGNORE_INDEX, shift_labels
+from chunkwise.core.loss import IGNORE_INDEX, shift_labels
 
 
 @dataclass(frozen=True)

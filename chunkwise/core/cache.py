@@ -33,7 +33,7 @@ a range of tokens is one contiguous piece of memory (one DMA transfer when offlo
 
 Offload (`offload=True`): the KV buffers and their gradient buffers live in host memory (pinned when
 the model is on a GPU), allocated once per step. Attention then gets host views and, handed over with
-them, an `OffloadedPast` (`chunkwise.offload`): with a fused kernel it streams the past to the device a
+them, an `OffloadedPast` (`chunkwise.attention.offload`): with a fused kernel it streams the past to the device a
 block at a time on a side stream, overlapped with compute, and adds each block's KV gradient into the
 host gradient buffers the same way; otherwise `_BlockedAttention` copies blocks itself. Either way the
 device holds one chunk's activations and a few blocks of keys, whatever the length.
@@ -46,7 +46,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .offload import BlockStreamer, OffloadedPast, hand_over, time_major
+from chunkwise.attention.offload import BlockStreamer, OffloadedPast, hand_over, time_major
 
 
 def storage_dtype(states: torch.Tensor) -> torch.dtype:
@@ -165,7 +165,7 @@ class ChunkLayer(CacheLayerMixin):
         return keys, values
 
     def _hand_over(self, keys, values, key_states, value_states) -> None:
-        """Offload: let the attention stream the past itself (see `chunkwise.offload`)."""
+        """Offload: let the attention stream the past itself (see `chunkwise.attention.offload`)."""
         following = self.next_layer
         hand_over(keys, values, OffloadedPast(
             keys=self.stored[0],

@@ -11,9 +11,9 @@ Parameter gradients accumulate in `.grad`; gradients for earlier chunks' KV accu
 gradient buffers.
 
 SeCO visits every chunk (exact gradient). SpaCO visits a sampled subset and scales each visited
-chunk's loss and relay by a compensation factor (see `sampling.py`).
+chunk's loss and relay by a compensation factor (see `chunkwise.core.sampling`).
 
-What a chunk backpropagates is the objective's business (`objectives.py`): next-token cross-entropy by
+What a chunk backpropagates is the objective's business (`chunkwise.core.objectives`): next-token cross-entropy by
 default; a sequence-level objective (DPO, ...) also has stage 1 run the LM head on every chunk to
 collect its per-sequence statistics.
 """
@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import ATTENTION_CHOICES, chunk_attention
-from .batch import ChunkedBatch, check_chunk_size, chunk_batch
-from .cache import ChunkCache
-from .models import CausalLMHandle, inspect_causal_lm
-from .objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
-from .parallel import GradientSync, gradient_sync
-from .sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
+from chunkwise.attention.chunk import ATTENTION_CHOICES, chunk_attention
+from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
+from chunkwise.core.cache import ChunkCache
+from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
+from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
+from chunkwise.core.sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
+from chunkwise.core.sync import GradientSync, gradient_sync
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def forward_checkpoints(
             LM head (the last chunk too, if it is among them).
         objective: the batch's objective (default: cross-entropy); if it needs every chunk's logits
             (sequence-level losses), all chunks run with the LM head, the last one included, and it observes them.
-        sync: says which module runs a chunk (see `chunkwise.parallel`); default: the model itself, one process.
+        sync: says which module runs a chunk (see `chunkwise.core.sync`); default: the model itself, one process.
     Returns:
         The RNG state before each chunk (for stage 2 to redraw the same dropout masks), and the loss
         of each chunk in `report_only`.
@@ -155,7 +155,7 @@ def backward_chunk(
 
     Args:
         factor: SpaCO compensation applied to the loss and the relay (1 for SeCO).
-        sync: says which module runs the chunk and how its backward reduces (see `chunkwise.parallel`).
+        sync: says which module runs the chunk and how its backward reduces (see `chunkwise.core.sync`).
         reduce: this is the step's last backward, which reduces the gradients every chunk accumulated
             across ranks. It always backpropagates, LM head included, so every parameter takes part.
         objective: gives the scalar the chunk backpropagates, from its logits (default: cross-entropy).
@@ -207,7 +207,7 @@ class SeCO:
     Args:
         model: a Hugging Face causal LM, or a PEFT model wrapping one.
         chunk_size: tokens per chunk (the last chunk may be shorter).
-        attention: "chunkwise" (default): a model using SDPA attention runs `chunkwise.attention` during
+        attention: "chunkwise" (default): a model using SDPA attention runs `chunkwise.attention.chunk` during
             the step, which keeps neither repeated KV heads nor a mask for backward (less memory per
             token, see docs/benchmarks.md); layers it does not cover (padding, sliding windows, ...)
             keep SDPA. "model": always the model's own attention.
@@ -218,7 +218,7 @@ class SeCO:
 
     Several processes: pass the wrapper — `DistributedDataParallel`, a DeepSpeed engine (ZeRO 1/2/3) or a
     model sharded with FSDP2's `fully_shard` — and gradients are reduced once per optimizer step, whatever
-    the number of chunks (see `chunkwise.parallel` for each wrapper's gradient-accumulation signal).
+    the number of chunks (see `chunkwise.core.sync` for each wrapper's gradient-accumulation signal).
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int, attention: str = "chunkwise", offload_kv: bool = False):

@@ -67,3 +67,16 @@ def target_logps(logits: torch.Tensor, targets: torch.Tensor, *, temperature: fl
     valid = targets != IGNORE_INDEX
     picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(~valid, 0.0)
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, *, num_items: float | None = None) -> torch.Tensor:
+    """Ordinary (full-sequence) training loss: token cross-entropy summed, divided by `num_items` or the
+    number of valid targets. What chunked training is compared with and what `--method full` trains.
+
+    Args:
+        logits: `[B, T, V]` the model's logits for the whole sequence.
+        labels: `[B, T]` labels aligned with `input_ids` (shifted here), -100 where ignored.
+    """
+    targets = shift_labels(labels)
+    normaliser = (targets != IGNORE_INDEX).sum() if num_items is None else num_items
+    return chunk_loss_sum(logits, targets) / normaliser

@@ -13,7 +13,7 @@ Two families are exactly decomposable that way:
   Σ_b w_b Σ_{t in chunk j} log p_{b,t}; summed over the chunks its gradient is Σ_b w_b ∇s_b = ∇L, exactly.
 
 Reference log-probs (DPO, IPO, GRPO's KL term) come precomputed as tensors, or from a no-grad chunked
-pass of a reference model run before stage 1 (`chunkwise.reference`).
+pass of a reference model run before stage 1 (`chunkwise.core.reference`).
 
 **SpaCO.** Token-local objectives are compensated like cross-entropy: `bernoulli` stays exactly unbiased,
 `uniform` keeps its small bias for long dependency chains. For sequence-level objectives stage 1 still
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batch import ChunkedBatch
-from .loss import IGNORE_INDEX, chunk_loss_sum, target_logps
-from .models import CausalLMHandle
-from .reference import resolve_reference, reference_token_logps
+from chunkwise.core.batch import ChunkedBatch
+from chunkwise.core.handle import CausalLMHandle
+from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, target_logps
+from chunkwise.core.reference import reference_token_logps, resolve_reference
 
 NORMALIZATIONS = ("token", "sequence", "fixed")
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import ChunkedBatch
-from .evaluate import chunked_logits
-from .loss import target_logps
-from .models import CausalLMHandle, inspect_causal_lm, unwrap_causal_lm
+from chunkwise.core.batch import ChunkedBatch
+from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm, unwrap_causal_lm
+from chunkwise.core.inference import chunked_logits
+from chunkwise.core.loss import target_logps
 
 ADAPTER_DISABLED = "adapter-disabled"
 """Reference = the policy with its PEFT adapter disabled (`peft_model.disable_adapter()`)."""

@@ -41,7 +41,7 @@ import sys
 
 import torch
 
-from .models import CausalLMHandle
+from chunkwise.core.handle import CausalLMHandle
 
 # ----- finding the wrapper ------------------------------------------------------------------------------------
 
@@ -347,7 +347,7 @@ def shard_fsdp2(model: torch.nn.Module, *, mesh=None) -> torch.nn.Module:
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import fully_shard
 
-    from .models import unwrap_causal_lm
+    from chunkwise.core.handle import unwrap_causal_lm
 
     lm = unwrap_causal_lm(model)
     if mesh is None:

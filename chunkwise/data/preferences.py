@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import DataError, Sequence, collate, load_records, tokenize_records
-from .loss import IGNORE_INDEX
+from chunkwise.core.loss import IGNORE_INDEX
+from chunkwise.data.files import DataError, load_records
+from chunkwise.data.sequences import Sequence, collate, tokenize_records
 
 logger = logging.getLogger(__name__)
 

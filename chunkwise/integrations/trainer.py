@@ -14,7 +14,7 @@ and call `accelerator.backward(loss)`; and `prediction_step` computes the eval l
 
 Several processes: DDP (torchrun / `accelerate launch`), DeepSpeed ZeRO-1/2/3 (`TrainingArguments(deepspeed=...)`)
 and FSDP2 (a model sharded at load time, or accelerate's `fsdp_version: 2`) reduce the gradients once per
-optimizer step (see `chunkwise.parallel`). Trainer options that cannot work chunk-wise (fp16 with a
+optimizer step (see `chunkwise.core.sync`). Trainer options that cannot work chunk-wise (fp16 with a
 GradScaler, gradient checkpointing, DeepSpeed without ZeRO, FSDP1, torch.compile, ...) are refused when the
 trainer is built, each with the reason and the fix.
 """
@@ -24,89 +24,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .attention import ATTENTION_CHOICES
-from .batch import default_labels
-from .engine import ChunkwiseOutput, SeCO, SpaCO
-from .evaluate import chunked_loss_sum
-from .loss import count_targets
-from .models import inspect_causal_lm, unwrap_causal_lm
-from .plan import parse_bytes
-from .sampling import SAMPLERS, ChunkSampler, make_sampler
+from chunkwise.core.batch import default_labels
+from chunkwise.core.config import ChunkwiseConfig
+from chunkwise.core.engine import ChunkwiseOutput, SeCO
+from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
+from chunkwise.core.inference import chunked_loss_sum
+from chunkwise.core.loss import count_targets
+from chunkwise.utils.memory import parse_bytes
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("seco", "spaco")
 SAMPLER_STATE_NAME = "chunkwise_sampler.pt"  # written into each checkpoint folder (SpaCO only)
 
-
-# ----- configuration --------------------------------------------------------------------------------
-
-
-@dataclass
-class ChunkwiseConfig:
-    """How `ChunkwiseTrainer` trains each batch (see `SeCO` and `SpaCO` for the algorithms)."""
-
-    method: str = "seco"
-    """"seco" (exact gradient, every chunk backpropagated) or "spaco" (a sampled subset of the chunks)."""
-    chunk_size: int | str = 1024
-    """Tokens per chunk; activation memory is that of one chunk. Also the chunk size of evaluation.
-    "auto": for each batch shape, the largest chunk that fits the device's free memory (plus what the
-    model, its gradients and optimizer state already hold) less a 10% margin (`chunkwise.plan`)."""
-    budget: int | None = None
-    """SpaCO only, required there: chunks backpropagated per step (on average, for "bernoulli")."""
-    sampling: str = "uniform"
-    """SpaCO selection policy: "uniform" (the paper's, exactly `budget` chunks) or "bernoulli" (unbiased)."""
-    max_compensation: float | None = None
-    """SpaCO only: cap on the compensation factor (the paper uses 2.0); None for no cap."""
-    seed: int | None = None
-    """Seed of SpaCO's chunk sampler; None uses `TrainingArguments.seed`. Every rank uses the same seed."""
-    attention: str = "chunkwise"
-    """"chunkwise" (the engine's attention for SDPA models; less memory per token) or "model" (see `SeCO`)."""
-    offload_kv: bool = False
-    """Keep the KV cache and its gradient in host memory, streamed to the device block by block (see `SeCO`)."""
-    memory: int | str | None = None
-    """With chunk_size="auto": plan for this much device memory (bytes, or "24GiB") instead of its free memory."""
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"ChunkwiseConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"ChunkwiseConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
-        if self.chunk_size != "auto" and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"ChunkwiseConfig.chunk_size must be a positive integer (tokens per chunk) or 'auto', got {self.chunk_size!r}")
-        if self.memory is not None:
-            if self.chunk_size != "auto":
-                raise ValueError("ChunkwiseConfig.memory is the budget of chunk_size='auto'; set chunk_size='auto' or drop memory")
-            parse_bytes(str(self.memory), "ChunkwiseConfig.memory")
-        if self.sampling not in SAMPLERS:
-            raise ValueError(f"ChunkwiseConfig.sampling must be one of {tuple(SAMPLERS)}, got {self.sampling!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"ChunkwiseConfig.seed must be an integer or None, got {self.seed!r}")
-        if self.method == "seco":
-            # These only shape SpaCO; set with SeCO they most likely mean the user wanted SpaCO.
-            for option in ("budget", "max_compensation"):
-                if getattr(self, option) is not None:
-                    raise ValueError(
-                        f"ChunkwiseConfig.{option} only applies to method='spaco' (SeCO backpropagates every "
-                        f"chunk); set method='spaco' or drop {option}"
-                    )
-            return
-        if self.budget is None:
-            raise ValueError("ChunkwiseConfig(method='spaco') needs budget: how many chunks to backpropagate per step")
-        # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1.
-        make_sampler(self.sampling, budget=self.budget, max_compensation=self.max_compensation, seed=0)
-
-    def make_sampler(self, default_seed: int) -> ChunkSampler | None:
-        """SpaCO's chunk sampler (None for SeCO); the trainer owns it so its state survives engine rebuilds."""
-        if self.method == "seco":
-            return None
-        seed = default_seed if self.seed is None else self.seed
-        return make_sampler(self.sampling, budget=self.budget, max_compensation=self.max_compensation, seed=seed)
 
 
 def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *, batch_size: int, seq_len: int,
@@ -117,7 +50,7 @@ def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *
     parameters; the budget is the device's free memory plus what the parameters, gradients and optimizer
     state already hold (the plan counts them), or `config.memory`.
     """
-    from .plan import ModelShape, Training, device_budget, fit_chunk_size
+    from chunkwise.plan.memory import ModelShape, Training, device_budget, fit_chunk_size
 
     named = list(model.named_parameters())
     trained = [p for _, p in named if p.requires_grad]
@@ -395,11 +328,7 @@ class ChunkwiseTrainerMixin:
             chunk_size = engine.chunk_size
         chunk_size = chunk_size or self.chunkwise.chunk_size
         if engine is None or self._chunkwise_engine_model is not model or engine.chunk_size != chunk_size:
-            options = dict(chunk_size=chunk_size, attention=self.chunkwise.attention, offload_kv=self.chunkwise.offload_kv)
-            if self.chunkwise.method == "seco":
-                engine = SeCO(model, **options)
-            else:
-                engine = SpaCO(model, sampling=self.chunkwise_sampler, **options)
+            engine = self.chunkwise.make_engine(model, chunk_size=chunk_size, sampler=self.chunkwise_sampler)
             self._chunkwise_engine, self._chunkwise_engine_model = engine, model
         return self._chunkwise_engine
 
@@ -547,4 +476,4 @@ class ChunkwiseTrainer(ChunkwiseTrainerMixin, Trainer):
     """
 
 
-__all__ = ["ChunkwiseConfig", "ChunkwiseTrainer", "ChunkwiseTrainerMixin", "check_training_arguments", "chunked_loss_sum"]
+__all__ = ["ChunkwiseConfig", "ChunkwiseTrainer", "ChunkwiseTrainerMixin", "check_training_arguments"]

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from .hf import ChunkwiseTrainerMixin
-from .objectives import DPO, GRPO, IPO
-from .reference import ReferenceModel
+from chunkwise.core.objectives import DPO, GRPO, IPO
+from chunkwise.core.reference import ReferenceModel
+from chunkwise.integrations.trainer import ChunkwiseTrainerMixin
 
 
 class _ChunkwiseLossMixin(ChunkwiseTrainerMixin):

@@ -3,7 +3,7 @@
 The trace runs the Llama-family layer (Llama, Mistral, Qwen2; Qwen3's per-head q/k norms included) on
 symbolic tensors that carry only a width, an element size and whether they need a gradient. Each op
 records what autograd saves for it, following the rules PyTorch, transformers, peft and
-`chunkwise.attention` follow: which input an op saves, which copies autocast makes (it casts an
+`chunkwise.attention.chunk` follow: which input an op saves, which copies autocast makes (it casts an
 activation anew on every call, caching only weights), which copies a dtype promotion makes.
 docs/plan.md has the table of rules; tests/test_plan.py checks the trace against `saved_tensors_hooks`.
 
@@ -133,7 +133,7 @@ class _LayerTrace:
             self.keep(out)
             self.keep(_Sym(s.heads, 4, True))  # log-sum-exp per head
             return out
-        # chunkwise.attention: computes in the autocast dtype, else the widest of q/k/v, with autocast off
+        # chunkwise.attention.chunk: computes in the autocast dtype, else the widest of q/k/v, with autocast off
         size = self.attention_size = autocast or max(q.size, k.size, v.size)
         self.alive += k.bytes + v.bytes  # the fresh keys/values, held by the cache for the relay
         if kind == "offloaded":  # the chunk's own K/V, rounded to the cache's dtype, then to `size`: saved

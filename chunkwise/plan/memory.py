@@ -13,7 +13,7 @@ measured by `chunkwise bench`):
 * the KV cache and its gradient (SeCO/SpaCO): `ChunkCache` keeps, for every layer, keys and values of the
   whole sequence and a gradient buffer of the same shape;
 * activations: what autograd keeps for backward, traced op by op through a decoder layer
-  (`chunkwise.layer_trace`);
+  (`chunkwise.plan.layers`);
 * logits and loss: three float32 `[tokens, vocab]` tensors meet in the loss's backward.
 
 The peak of a method is the largest of the moments (phases) where memory piles up: the loss's backward
@@ -26,12 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .layer_trace import LayerCost, head_input_bytes
+from chunkwise.plan.layers import LayerCost, head_input_bytes
+from chunkwise.utils.memory import format_bytes, host_available_memory
 
-GiB = 1 << 30
-MiB = 1 << 20
 METHODS = ("full", "ckpt", "seco", "spaco", "seco+offload")
-# Architectures whose decoder layer `chunkwise.layer_trace` follows op by op (q/k norms included).
+# Architectures whose decoder layer `chunkwise.plan.layers` follows op by op (q/k norms included).
 DERIVED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PRECISIONS = ("float32", "float64", "bfloat16", "float16")
 # `--chunk-size auto` keeps this share of the budget free: the planner's error on the validation cases
@@ -94,7 +93,7 @@ class ModelShape:
     @classmethod
     def from_name(cls, name_or_path: str) -> ModelShape:
         """From a tiny preset, a model folder or a hub id; only the config is read."""
-        from .models import load_model_config
+        from chunkwise.models.loading import load_model_config
 
         return cls.from_config(load_model_config(name_or_path), name=name_or_path)
 
@@ -178,7 +177,7 @@ class Training:
         batch_size: sequences per micro-batch.
         optimizer_states: tensors per trained parameter the optimizer keeps (AdamW: 2).
         attention: the engines' attention option: "chunkwise" or "model".
-        device_type: "cuda" or "cpu": which kernel `chunkwise.attention` runs (they keep different tensors).
+        device_type: "cuda" or "cpu": which kernel `chunkwise.attention.chunk` runs (they keep different tensors).
     """
 
     param_bytes: int = 4
@@ -227,11 +226,11 @@ class Training:
 
 
 def has_fused_kernel(shape: ModelShape, training: Training) -> bool:
-    """Whether `chunkwise.kernels` has a fused part kernel for this device, dtype and head dim (its table,
+    """Whether `chunkwise.attention.kernels` has a fused part kernel for this device, dtype and head dim (its table,
     `PartKernel.supports`; the first-use self-check is assumed to pass). Without one, attention is blocked."""
     import torch
 
-    from .kernels import KERNELS
+    from chunkwise.attention.kernels import KERNELS
 
     size = training.autocast_bytes or training.hidden_bytes
     dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[size]
@@ -243,7 +242,7 @@ def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len:
     """The attention code path of each layer for the chunk that attends to the longest past.
 
     full/ckpt: "sdpa" (transformers' SDPA over the whole sequence; "masked" where a sliding window is
-    shorter than it). seco/spaco: `chunkwise.attention` on a fused kernel ("split"; "offloaded" for
+    shorter than it). seco/spaco: `chunkwise.attention.chunk` on a fused kernel ("split"; "offloaded" for
     seco+offload), or "blocked" where no kernel takes the dtype and head dim (`has_fused_kernel`); a layer
     whose window is shorter than the past, and every layer with attention="model", falls back to SDPA
     with a mask ("masked"), or, with attention="model" and no past, to SDPA without one ("cached").
@@ -403,8 +402,8 @@ def _streamed_bytes(shape: ModelShape, cost: LayerCost, past: int, batch: int) -
 
 
 def _past_block(past: int) -> int:
-    """Keys of the largest block of a past `chunkwise.attention` hands a fused kernel (and streams when offloaded)."""
-    from .attention import PAST_BLOCK
+    """Keys of the largest block of a past `chunkwise.attention.chunk` hands a fused kernel (and streams when offloaded)."""
+    from chunkwise.attention.chunk import PAST_BLOCK
 
     return max(0, min(PAST_BLOCK, past))
 
@@ -576,20 +575,7 @@ class Budget:
         return device_type == "cpu" or self.host_usable is None or plan.host <= self.host_usable
 
     def describe(self) -> str:
-        return f"{format_size(self.usable)} usable ({format_size(self.free)} {self.source}, less the {AUTO_MARGIN:.0%} margin)"
-
-
-def host_available_memory() -> int:
-    """Available host memory (Linux's MemAvailable, through psutil), shared among this machine's ranks.
-
-    On a CPU this is the planner's "free memory": what the process can still take without swapping,
-    page cache included. torchrun's LOCAL_WORLD_SIZE processes share it, so each gets its part.
-    """
-    import os
-
-    import psutil
-
-    return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return f"{format_bytes(self.usable)} usable ({format_bytes(self.free)} {self.source}, less the {AUTO_MARGIN:.0%} margin)"
 
 
 def device_budget(device, *, memory: int | None = None, held: int = 0) -> Budget:
@@ -699,25 +685,20 @@ def longest_length(shape: ModelShape, training: Training, method: str, *, budget
     return best
 
 
-def format_size(count: int) -> str:
-    """Bytes as GiB with two decimals, or MiB below 0.1 GiB."""
-    return f"{count / GiB:.2f} GiB" if count >= GiB / 10 else f"{count / MiB:.1f} MiB"
-
-
 def describe_parts(plan: MethodPlan) -> str:
     """"weights 14.96 GiB, gradients 13.0 MiB, ..." for messages."""
     names = {"kv_cache": "KV cache", "kv_gradient": "KV gradient", "logits_loss": "logits and loss",
              "weight_copies": "autocast weight copies", "attention_backward": "attention backward",
              "optimizer_step": "optimizer step"}
-    parts = ", ".join(f"{names.get(name, name)} {format_size(count)}" for name, count in plan.parts.items())
-    return parts + (f"; host {format_size(plan.host)}" if plan.host else "")
+    parts = ", ".join(f"{names.get(name, name)} {format_bytes(count)}" for name, count in plan.parts.items())
+    return parts + (f"; host {format_bytes(plan.host)}" if plan.host else "")
 
 
 def _refusal(shape: ModelShape, training: Training, plan: MethodPlan, budget: Budget) -> str:
     """Why a length cannot fit, with the numbers and what would."""
     chunk = f" with {plan.chunk_size}-token chunks" if plan.chunk_size else ""
     lines = [f"{plan.seq_len} tokens x {training.batch_size} do not fit: {plan.method}{chunk} needs "
-             f"{format_size(plan.total(training.device_type))} ({describe_parts(plan)}; peak at the {plan.phase}) but "
+             f"{format_bytes(plan.total(training.device_type))} ({describe_parts(plan)}; peak at the {plan.phase}) but "
              f"{budget.describe()}."]
     longest = longest_length(shape, training, plan.method, budget=budget)
     if longest is not None:
@@ -725,25 +706,12 @@ def _refusal(shape: ModelShape, training: Training, plan: MethodPlan, budget: Bu
     if plan.method in ("seco", "spaco"):
         offloaded, _ = _largest_fitting(shape, training, plan.seq_len, budget, "seco+offload")
         if offloaded is not None:
-            lines.append(f"With --offload-kv it fits ({offloaded.chunk_size}-token chunks, {format_size(offloaded.peak)} on the device, "
-                         f"{format_size(offloaded.host)} in host memory).")
+            lines.append(f"With --offload-kv it fits ({offloaded.chunk_size}-token chunks, {format_bytes(offloaded.peak)} on the device, "
+                         f"{format_bytes(offloaded.host)} in host memory).")
     return " ".join(lines)
 
 
 # ----- `chunkwise plan`: the whole answer for one model and setting -------------------------------------
-
-# Binary units, as memory is counted: 1K = 1024 bytes.
-_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_bytes(text: str, option: str) -> int:
-    """`1073741824`, `1024M`, `1GiB`, `1.5G` -> bytes (binary units)."""
-    import re
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise PlanError(f"{option} must be a positive number of bytes such as 2147483648, 2048M or 2GiB; got {text!r}")
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).upper()])
 
 
 @dataclass

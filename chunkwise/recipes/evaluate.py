@@ -12,122 +12,11 @@ sliced to [0, e).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from .cache import ChunkCache
-from .generate import forward_chunk
-from .loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
-from .models import CausalLMHandle, inspect_causal_lm
-
-
-# ----- scoring ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenScores:
-    """Sums over scored target tokens; add them up across batches."""
-
-    loss_sum: float = 0.0
-    num_targets: int = 0
-    num_correct: int = 0
-
-    def __add__(self, other: TokenScores) -> TokenScores:
-        return TokenScores(
-            self.loss_sum + other.loss_sum, self.num_targets + other.num_targets, self.num_correct + other.num_correct
-        )
-
-    @property
-    def loss(self) -> float:
-        """Mean cross-entropy per target token, in nats."""
-        return self.loss_sum / self.num_targets if self.num_targets else float("nan")
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction of targets whose most likely next token (argmax) is right."""
-        return self.num_correct / self.num_targets if self.num_targets else float("nan")
-
-
-def chunked_logits(handle: CausalLMHandle, inputs: dict, attention_mask: torch.Tensor | None, *, chunk_size: int):
-    """Yield `(start, end, logits [B, c, V])` for chunk after chunk of `inputs` (run without autograd by the caller).
-
-    Args:
-        inputs: `{"input_ids": [B, T]}` or `{"inputs_embeds": [B, T, H]}`.
-        attention_mask: `[B, T]` (1 = token, 0 = right padding), or None.
-    """
-    name, tokens = next(iter(inputs.items()))
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: the model's plain causal mask, as the engine does
-    seq_len = tokens.shape[1]
-    # The training cache in record mode: each chunk's KV is written once into a buffer sized for the
-    # whole document, and attention reads views (transformers' DynamicCache would re-concatenate the
-    # whole past for every chunk).
-    cache = ChunkCache(total_length=seq_len)
-    for number, start in enumerate(range(0, seq_len, chunk_size)):
-        end = min(start + chunk_size, seq_len)
-        logits = forward_chunk(handle, cache, {name: tokens[:, start:end]}, number=number, start=start,
-                               attention_mask=None if attention_mask is None else attention_mask[:, :end])
-        yield start, end, logits
-
-
-def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
-    """Yield `(logits [B, c, V], targets [B, c])` chunk by chunk, without autograd."""
-    name = "input_ids" if "input_ids" in batch else "inputs_embeds"
-    targets = shift_labels(batch["labels"])
-    for start, end, logits in chunked_logits(handle, {name: batch[name]}, batch.get("attention_mask"), chunk_size=chunk_size):
-        yield logits, targets[:, start:end]
-
-
-@torch.no_grad()
-def chunked_loss_sum(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> torch.Tensor:
-    """Summed token loss of a batch, run chunk by chunk through a `ChunkCache` (record mode) without autograd.
-
-    Equals the sum of a full-sequence forward's token losses (up to float rounding).
-
-    Args:
-        handle: the model, as `inspect_causal_lm` describes it.
-        batch: `input_ids` `[B, T]` or `inputs_embeds` `[B, T, H]`, `labels` `[B, T]`, optional
-            `attention_mask` `[B, T]` (1 = token, 0 = right padding).
-    Returns:
-        A scalar: the sum of the cross-entropy over the valid targets (float32 for half-precision models).
-    """
-    total = None
-    for logits, targets in _chunks(handle, batch, chunk_size):
-        chunk = chunk_loss_sum(logits, targets)
-        total = chunk if total is None else total + chunk
-    return total
-
-
-@torch.no_grad()
-def score_batch(handle: CausalLMHandle, batch: dict, *, chunk_size: int) -> TokenScores:
-    """Loss sum, target count and argmax-correct count of a batch, chunk by chunk (see `chunked_loss_sum`)."""
-    scores = TokenScores()
-    for logits, targets in _chunks(handle, batch, chunk_size):
-        valid = targets != IGNORE_INDEX
-        correct = int((logits.argmax(-1)[valid] == targets[valid]).sum())
-        scores = scores + TokenScores(float(chunk_loss_sum(logits, targets)), int(valid.sum()), correct)
-    return scores
-
-
-def score_batches(handle: CausalLMHandle, batches: list[dict], *, chunk_size: int, device: torch.device, autocast_dtype=None) -> tuple[TokenScores, int]:
-    """Scores summed over collated batches (moved to `device`, under autocast if given), and the tokens read."""
-    scores, tokens = TokenScores(), 0
-    for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            scores = scores + score_batch(handle, batch, chunk_size=chunk_size)
-        tokens += int(batch["attention_mask"].sum())
-    return scores, tokens
-
-
-# ----- the `chunkwise eval` recipe --------------------------------------------------------------------
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.inference import score_batches
 
 
 @dataclass
@@ -180,10 +69,12 @@ class EvalReport:
 
 def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     """Score `config.data` with `config.model` chunk by chunk; see the module docstring."""
-    from .data import SYNTHETIC, collate, held_out_batches, pad_token_id, read_sequences, synthetic_task_for
-    from .models import check_position_limit, resolve_device, training_dtypes
-    from .reporting import peak_memory_bytes
-    from .run import load_trained_model
+    from chunkwise.data.sequences import collate, pad_token_id, read_sequences
+    from chunkwise.data.synthetic import SYNTHETIC, held_out_batches, synthetic_task_for
+    from chunkwise.models.loading import check_position_limit
+    from chunkwise.recipes.run import load_trained_model
+    from chunkwise.utils.memory import peak_memory_bytes
+    from chunkwise.utils.precision import resolve_device, training_dtypes
 
     if config.chunk_size < 1 or config.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive integers")

@@ -2,7 +2,7 @@
 
     chunkwise eval --model runs/demo --task passkey --seq-len 4096,16384,65536 --depths 0,0.5,1
 
-For each length and depth, `num_probes` probes (`probes.py`) are read chunk by chunk through the KV cache
+For each length and depth, `num_probes` probes (`chunkwise.data.probes`) are read chunk by chunk through the KV cache
 (`generate.greedy_generate`) and continued greedily; a probe counts as answered when the continuation
 starts with the answer. The report is accuracy per length × depth, with the peak memory of each length above
 the loaded model and the KV cache's share of it (so "flat" can be checked: what is not KV cache does not
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .generate import greedy_generate
-from .models import inspect_causal_lm
-from .probes import PROBE_TASKS, ProbeCell, build_probe, probe_language
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.inference import greedy_generate
+from chunkwise.data.probes import PROBE_TASKS, ProbeCell, build_probe, probe_language
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -105,7 +105,7 @@ class ProbeReport:
 
 
 def _memory_meter(device: torch.device):
-    from .bench import CpuMemory, CudaMemory  # the benchmark's meters: a resettable peak per length
+    from chunkwise.utils.memory import CpuMemory, CudaMemory  # the benchmark's meters: a resettable peak per length
 
     return CudaMemory(device) if device.type == "cuda" else CpuMemory()
 
@@ -114,8 +114,9 @@ def run_probes(config: ProbeConfig, *, log=print) -> ProbeReport:
     """Build and answer the probes `config` asks for; see the module docstring."""
     from transformers.utils import logging as hf_logging
 
-    from .models import check_position_limit, resolve_device, training_dtypes
-    from .run import load_trained_model
+    from chunkwise.models.loading import check_position_limit
+    from chunkwise.recipes.run import load_trained_model
+    from chunkwise.utils.precision import resolve_device, training_dtypes
 
     config.check()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the report

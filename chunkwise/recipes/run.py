@@ -40,7 +40,7 @@ def read_run_settings(path: Path) -> dict:
 
 def model_folder_of_run(path: Path) -> Path:
     """The final model of a run, or its latest checkpoint's model when training did not finish."""
-    from .checkpoint import latest_checkpoint
+    from chunkwise.recipes.checkpoint import latest_checkpoint
 
     final = Path(path) / FINAL_MODEL
     if final.is_dir():
@@ -63,7 +63,7 @@ def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoTokenizer
 
-    from .models import load_causal_lm, load_tokenizer
+    from chunkwise.models.loading import load_causal_lm, load_tokenizer
 
     folder = Path(path).expanduser()
     settings = None
@@ -84,7 +84,7 @@ def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
     """A LoRA adapter on the base model it was trained from (named in the run settings or the adapter config)."""
     from peft import PeftModel
 
-    from .models import load_causal_lm
+    from chunkwise.models.loading import load_causal_lm
 
     if settings is not None:
         base = settings["model"]

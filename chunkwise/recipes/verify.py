@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import SeCO
-from .loss import chunk_loss_sum, shift_labels
+from chunkwise.core.engine import SeCO
+from chunkwise.core.loss import sequence_loss
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def _full_backprop_grads(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    targets = shift_labels(input_ids)
-    loss = chunk_loss_sum(model(input_ids=input_ids).logits, targets) / (targets != -100).sum()
+    loss = sequence_loss(model(input_ids=input_ids).logits, input_ids)
     loss.backward()
     return loss.item(), {name: p.grad.clone() for name, p in _trainable(model).items()}
 

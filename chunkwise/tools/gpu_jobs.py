@@ -1,6 +1,6 @@
-"""The GPU suite's jobs, run in its child process (`python -m chunkwise.gpu_suite --child ...`).
+"""The GPU suite's jobs, run in its child process (`python -m chunkwise.tools.gpu_suite --child ...`).
 
-Each job prints one result line (`RESULT_MARKER` + JSON) that the parent (`chunkwise.gpu_suite`) reads;
+Each job prints one result line (`RESULT_MARKER` + JSON) that the parent (`chunkwise.tools.gpu_suite`) reads;
 what each measures is in that module's docstring.
 """
 
@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from .bench import RESULT_MARKER, BenchCase, build_case_model, build_model, is_out_of_memory, measure_case
+from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, build_case_model, build_model, measure_case
+from chunkwise.utils.memory import is_out_of_memory
 
 
 def not_run(job: dict, failed: dict) -> dict | None:
@@ -51,7 +52,7 @@ def _cached_model(case: BenchCase, device: torch.device) -> torch.nn.Module:
 
 
 def _speed_job(params: dict) -> dict:
-    """Measure one bench case (see `chunkwise.bench.measure_case`) on a model built once for the cases sharing it."""
+    """Measure one bench case (see `chunkwise.tools.bench.runner.measure_case`) on a model built once for the cases sharing it."""
     result = measure_case(BenchCase(**params["case"]), build=_cached_model)
     _free(torch.device(result.case.device))
     return _emit(result.status, result=result.to_dict(), error=result.error)
@@ -73,8 +74,8 @@ def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _attention_job(params: dict) -> dict:
     """Errors against float64 math attention, and forward+backward times, per kernel and dtype."""
-    from . import kernels
-    from .attention import _BlockedAttention, _key_block, causal_chunk_attention, split_attention
+    from chunkwise.attention import kernels
+    from chunkwise.attention.chunk import _BlockedAttention, _key_block, causal_chunk_attention, split_attention
 
     started = time.perf_counter()
     device = torch.device(params["device"])
@@ -154,8 +155,8 @@ def _sync(device: torch.device) -> None:
 
 def _gradient_job(params: dict) -> dict:
     """SeCO vs full backprop in bf16 against a float32 full-backprop reference (see the module docstring)."""
-    from . import SeCO
-    from .loss import chunk_loss_sum, shift_labels
+    from chunkwise.core.engine import SeCO
+    from chunkwise.core.loss import sequence_loss
 
     started = time.perf_counter()
     device = torch.device(params["device"])
@@ -173,9 +174,7 @@ def _gradient_job(params: dict) -> dict:
         return out
 
     def full() -> dict:
-        targets = shift_labels(input_ids)
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        (chunk_loss_sum(logits, targets) / (targets != -100).sum()).backward()
+        sequence_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids).backward()
         return grads()
 
     def seco(offload: bool) -> dict:

@@ -45,8 +45,9 @@ from pathlib import Path
 
 import torch
 
-from .bench import MiB, RESULT_MARKER, BenchCase, child_environment, describe_machine
-from .gpu_jobs import child_main, not_run, note
+from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, child_environment, describe_machine
+from chunkwise.tools.gpu_jobs import child_main, not_run, note
+from chunkwise.utils.memory import MiB
 
 SUITE_SECONDS = 450  # the jobs, model building and process starts included; the parent's own start-up comes on top (~10 s)
 
@@ -134,14 +135,14 @@ class SuiteReport:
 
 
 class Child:
-    """A `python -m chunkwise.gpu_suite --child` process running jobs in order; its results are read as they come."""
+    """A `python -m chunkwise.tools.gpu_suite --child` process running jobs in order; its results are read as they come."""
 
     def __init__(self, jobs: list[dict], failed: dict):
         env = child_environment()
         source = str(Path(__file__).resolve().parents[1])  # runs from the source tree, installed or not
         env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chunkwise.gpu_suite", "--child", json.dumps({"jobs": jobs, "failed": failed})],
+            [sys.executable, "-m", "chunkwise.tools.gpu_suite", "--child", json.dumps({"jobs": jobs, "failed": failed})],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
         )
         self.lines: queue.Queue = queue.Queue()
@@ -430,7 +431,7 @@ def markdown(report: SuiteReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chunkwise.gpu_suite", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m chunkwise.tools.gpu_suite", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="gpu-suite", help="folder for suite.json and suite.md")
     parser.add_argument("--dry-run", action="store_true", help="the same cases on CPU with a tiny model (a smoke test)")
     parser.add_argument("--budget-s", type=float, default=None, help=f"seconds for the whole run (default {SUITE_SECONDS}; dry run 120)")

@@ -7,7 +7,7 @@
             engine.backward(...)
     grad_norm, applied = backend.step(max_grad_norm=1.0, finite=..., scaler=scaler)
 
-Each set-up wraps the model for the engine (`chunkwise.parallel` then reduces the gradient once per step),
+Each set-up wraps the model for the engine (`chunkwise.core.sync` then reduces the gradient once per step),
 says which micro-batch ends the step in its own terms, takes the optimizer step (clipping included), and
 saves and restores what a checkpoint needs. ZeRO and FSDP2 shard the optimizer state — and ZeRO-3 and FSDP2
 the parameters — so every rank writes its shard into the checkpoint folder (`sharded`), and the full model
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .models import unwrap_causal_lm
+from chunkwise.core.handle import unwrap_causal_lm
 
 OPTIMIZER_FILE = "optimizer.pt"
 SHARDED_DIR = "sharded"  # inside a checkpoint: every rank's shard of the model and optimizer state
@@ -110,7 +110,7 @@ class FullyShardedDataParallel(DataParallel):
     sharded = True
 
     def __init__(self, model, make_optimizer):
-        from .parallel import shard_fsdp2
+        from chunkwise.core.sync import shard_fsdp2
 
         shard_fsdp2(model)
         super().__init__(model, make_optimizer)  # the optimizer sees the shards
@@ -210,7 +210,7 @@ class DeepSpeedZeRO(DataParallel):
     def load_state(self, folder: Path) -> None:
         path, _ = self.engine_model.load_checkpoint(str(folder / SHARDED_DIR), tag="state", load_lr_scheduler_states=False)
         if path is None:
-            from .checkpoint import CheckpointError
+            from chunkwise.recipes.checkpoint import CheckpointError
 
             raise CheckpointError(f"{folder / SHARDED_DIR} holds no DeepSpeed state for this run")
 

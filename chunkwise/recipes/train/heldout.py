@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .data import SYNTHETIC, RecallTask, collate, held_out_batches, read_sequences
-from .evaluate import score_batches
-from .models import CausalLMHandle
-from .reporting import peak_memory_bytes
+from chunkwise.core.handle import CausalLMHandle
+from chunkwise.core.inference import score_batches
+from chunkwise.data.sequences import collate, read_sequences
+from chunkwise.data.synthetic import SYNTHETIC, RecallTask, held_out_batches
+from chunkwise.utils.memory import peak_memory_bytes
 
 SYNTHETIC_HELD_OUT_SEQUENCES = 32
 """Held-out sequences of the synthetic task scored at each evaluation."""

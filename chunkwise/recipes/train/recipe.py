@@ -30,25 +30,47 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .attention import ATTENTION_CHOICES
-from . import data_parallel
-from .checkpoint import (CHECKPOINTS, CheckpointError, begin_checkpoint, capture_rng_state, checkpoint_name, commit_checkpoint,
-                         latest_checkpoint, restore_rng_state, verify_checkpoint)
-from .data_parallel import DataParallel
-from .data import PACKING_MODES, SYNTHETIC, collate, pad_token_id, read_sequences, synthetic_task_for
-from .batch import chunk_batch
-from .engine import SeCO, SpaCO
-from .heldout import HeldOutSet, describe_evaluation, evaluate_held_out, file_held_out, synthetic_held_out, write_best
-from .loss import chunk_loss_sum, count_targets, shift_labels
-from .models import DEMO_MODEL, PRECISIONS, check_position_limit, inspect_causal_lm, load_causal_lm, load_model_config, load_tokenizer, resolve_device, training_dtypes
-from .plan import PlanError, describe_parts, format_size, parse_bytes, plan_training_step
-from .reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, peak_memory_bytes, plot_losses
-from .run import BEST_EVAL, FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
-from .objectives import OBJECTIVES, Objective, PairedLoss, Policy
-from .preferences import PreferencePair, collate_pairs, read_preference_pairs
-from .reference import ADAPTER_DISABLED, resolve_reference
-from .sampling import SAMPLERS
+from chunkwise import __version__
+from chunkwise.attention.chunk import ATTENTION_CHOICES
+from chunkwise.core.batch import chunk_batch
+from chunkwise.core.config import ChunkwiseConfig
+from chunkwise.core.engine import SeCO, SpaCO
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.loss import count_targets, sequence_loss
+from chunkwise.core.objectives import OBJECTIVES, Objective, PairedLoss, Policy
+from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
+from chunkwise.core.sampling import SAMPLERS
+from chunkwise.data.preferences import PreferencePair, collate_pairs, read_preference_pairs
+from chunkwise.data.sequences import PACKING_MODES, collate, pad_token_id, read_sequences
+from chunkwise.data.synthetic import SYNTHETIC, synthetic_task_for
+from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
+from chunkwise.models.presets import DEMO_MODEL
+from chunkwise.plan.memory import PlanError, describe_parts, plan_training_step
+from chunkwise.recipes.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    begin_checkpoint,
+    capture_rng_state,
+    checkpoint_name,
+    commit_checkpoint,
+    latest_checkpoint,
+    restore_rng_state,
+    verify_checkpoint,
+)
+from chunkwise.recipes.run import BEST_EVAL, FINAL_MODEL, MODEL_SUBDIR, RUN_FILE, is_run_directory, read_run_settings
+from chunkwise.recipes.train import distributed
+from chunkwise.recipes.train.distributed import DataParallel
+from chunkwise.recipes.train.heldout import (
+    HeldOutSet,
+    describe_evaluation,
+    evaluate_held_out,
+    file_held_out,
+    synthetic_held_out,
+    write_best,
+)
+from chunkwise.recipes.train.reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, plot_losses
+from chunkwise.utils.memory import format_bytes, parse_bytes, peak_memory_bytes
+from chunkwise.utils.precision import PRECISIONS, resolve_device, training_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +175,7 @@ class TrainConfig:
     100 with `eval_data` or on the demo, else 0."""
     eval_data: str | None = None
     """Held-out data, in any format `data` takes, read like it (tokenizer, fields, seq_len, packing) and
-    scored chunk by chunk (`heldout.py`). None: the synthetic task's held-out stream when training on it."""
+    scored chunk by chunk (`chunkwise.recipes.train.heldout`). None: the synthetic task's held-out stream when training on it."""
     eval_split: str | None = None
     """Split of a dataset `eval_data` names (default: `split`), e.g. "validation"."""
     log_every: int = 10
@@ -384,7 +406,7 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     chunk = torch.tensor([plan.chunk_size or config.seq_len], device=device if device.type == "cuda" else "cpu")
     if dist.world_size > 1:  # every rank cuts its sequences the same way
         torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
-    log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_size(plan.total(device.type))} ({describe_parts(plan)})")
+    log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_bytes(plan.total(device.type))} ({describe_parts(plan)})")
     return dataclasses.replace(config, chunk_size=int(chunk))
 
 
@@ -453,14 +475,9 @@ def build_model(config: TrainConfig, device: torch.device):
     weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
     model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed)
     if config.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
         targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets)
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise ValueError(f"--lora-targets {config.lora_targets!r}: {str(error).splitlines()[0]}") from None
+        model = add_lora(model, rank=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
+                         option="--lora-targets")
     return model.to(device)
 
 
@@ -562,7 +579,7 @@ def full_backward(model: torch.nn.Module, batch: dict, num_items: float, objecti
     objective's metrics. Cross-entropy by default; another objective runs on the full sequence's logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if objective is None:
-        loss = chunk_loss_sum(logits, shift_labels(batch["labels"])) / num_items
+        loss = sequence_loss(logits, batch["labels"], num_items=num_items)
         loss.backward()
         return loss.detach(), {}
     handle = policy.handle
@@ -641,7 +658,7 @@ def optimizer_step(trainer: _Trainer, step: int) -> dict:
     first_index = (step - 1) * config.grad_accum * dist.world_size
     batches = [trainer.data.batch(first_index + a * dist.world_size + dist.rank) for a in range(config.grad_accum)]
     if trainer.engine is not None and trainer.engine.sync.lockstep:
-        # ZeRO-3: every rank must run as many chunks as the others (see chunkwise.parallel).
+        # ZeRO-3: every rank must run as many chunks as the others (see chunkwise.core.sync).
         batches = [_pad_to(batch, config.seq_len, trainer.data.pad) for batch in batches]
     (global_targets,) = dist.all_sum([float(sum(count_items(b, trainer.objective) for b in batches))])
     global_targets = max(global_targets, 1.0)
@@ -752,7 +769,7 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
     if dist.world_size > 1:
         torch.distributed.barrier()  # the run directory exists before any rank writes or reads it
 
-    backend = data_parallel.setup(
+    backend = distributed.setup(
         model, lambda parameters: torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay),
         world_size=dist.world_size, device=device, zero=config.zero, fsdp=config.fsdp,
         micro_batch_size=config.batch_size, accumulation=config.grad_accum, max_grad_norm=config.max_grad_norm,
@@ -850,13 +867,15 @@ def _train_on_this_rank(config: TrainConfig, dist: Distributed, device: torch.de
 
 
 def _make_engine(config: TrainConfig, model: torch.nn.Module):
+    """The engine of a seco/spaco run (None for --method full), built by `ChunkwiseConfig.make_engine`."""
     if config.method == "full":
         return None
-    if config.method == "seco":
-        return SeCO(model, chunk_size=config.chunk_size, attention=config.attention, offload_kv=config.offload_kv)
-    return SpaCO(model, chunk_size=config.chunk_size, budget=config.budget, sampling=config.sampling,
-                 max_compensation=config.max_compensation, seed=config.seed, attention=config.attention,
-                 offload_kv=config.offload_kv)
+    spaco = config.method == "spaco"
+    engine = ChunkwiseConfig(method=config.method, chunk_size=config.chunk_size, attention=config.attention,
+                             offload_kv=config.offload_kv, sampling=config.sampling, seed=config.seed,
+                             budget=config.budget if spaco else None,
+                             max_compensation=config.max_compensation if spaco else None)
+    return engine.make_engine(model)
 
 
 def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:

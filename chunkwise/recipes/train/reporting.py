@@ -7,31 +7,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import resource
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from chunkwise.utils.memory import format_bytes
+
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: CUDA's allocator peak on a GPU, peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class MetricsLog:

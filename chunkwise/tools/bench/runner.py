@@ -4,7 +4,7 @@ of chunk-wise training, each (method, sequence length) case measured in a fresh 
 Why a fresh process per case: peak memory belongs to a process (on CPU its peak resident set, on CUDA
 the caching allocator's peak), and one case's leftovers — allocator caches, fragmentation, a grown
 heap — must not leak into the next. The parent builds `BenchCase`s, runs
-`python -m chunkwise.bench --case '<json>'` for each, and collects the `CaseResult` the child prints.
+`python -m chunkwise.tools.bench.runner --case '<json>'` for each, and collects the `CaseResult` the child prints.
 
 Methods (`METHODS`):
 
@@ -56,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from chunkwise.utils.memory import CpuMemory, CudaMemory, MiB, is_out_of_memory, limit_memory
+
 METHODS = ("forward", "full", "ckpt", "seco", "spaco", "spaco-est")
 CHUNKED = ("seco", "spaco", "spaco-est")
 DEFAULT_METHODS = ("forward", "full", "ckpt", "seco", "spaco")  # what a run measures unless told otherwise
@@ -63,7 +65,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 # The child prints its result on one stdout line that starts with this marker; anything else the model
 # or a library prints is ignored.
 RESULT_MARKER = "CHUNKWISE_BENCH_RESULT "
-MiB = 1 << 20
 
 # ----- benchmark models ---------------------------------------------------------------------------------
 # Llama-shaped configs with random weights: nothing is downloaded, and a step costs the same whatever the
@@ -105,7 +106,7 @@ def build_model(name: str, *, dtype: torch.dtype, device: torch.device, lora_r: 
     """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .models import load_causal_lm
+    from chunkwise.models.loading import add_lora, load_causal_lm
 
     torch.manual_seed(seed)
     if name in BENCH_MODELS:
@@ -114,15 +115,13 @@ def build_model(name: str, *, dtype: torch.dtype, device: torch.device, lora_r: 
     else:
         model = load_causal_lm(name, dtype=dtype, seed=seed).to(device)
     if lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"]))
+        model = add_lora(model, rank=lora_r)
     return model
 
 
 def describe_model(model: torch.nn.Module) -> dict:
     """Parameter counts and the KV cache size per token (keys + values, all layers, model dtype)."""
-    from .models import unwrap_causal_lm
+    from chunkwise.core.handle import unwrap_causal_lm
 
     config = unwrap_causal_lm(model).config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -252,152 +251,37 @@ class CaseResult:
 # ----- memory meters (run inside the child) ----------------------------------------------------------
 
 
-def _proc_status_bytes(key: str) -> int:
-    """A `kB` field of /proc/self/status (VmRSS, VmHWM, VmSize) in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {key} field")
-
-
-class CpuMemory:
-    """Resident memory of this process. Needs Linux's /proc; the peak is reset through clear_refs."""
-
-    def __init__(self):
-        self.resettable = self._clear_refs()
-        self.method = "VmHWM-VmRSS, peak reset by clear_refs" if self.resettable else "VmHWM-VmRSS, peak since start"
-        if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-            self.method += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
-
-    @staticmethod
-    def _clear_refs() -> bool:
-        # Writing "5" resets the peak resident set (VmHWM) to the current resident set (Linux >= 4.0).
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            return True
-        except OSError:
-            return False
-
-    def current(self) -> int:
-        return _proc_status_bytes("VmRSS")
-
-    def reset_peak(self) -> None:
-        if self.resettable:
-            self._clear_refs()
-
-    def peak(self) -> int:
-        return _proc_status_bytes("VmHWM")
-
-
-class CudaMemory:
-    """Bytes held by tensors in PyTorch's CUDA caching allocator (not its reserved-but-free cache)."""
-
-    method = "cuda max_memory_allocated - memory_allocated"
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def current(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.memory_allocated(self.device)
-
-    def reset_peak(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device)
-
-
-def _available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable field")
-
-
-def _limit_memory(device: torch.device, extra_bytes: int | None) -> Callable[[], None]:
-    """Cap what this process may allocate beyond now; return a function that lifts the cap.
-
-    CPU: an address-space limit (RLIMIT_AS) of the current virtual size plus the allowance, so that an
-    allocation past it fails inside this process (torch raises "can't allocate memory"). Address space
-    is not resident memory, so the limit is a guard, not the measurement.
-    CUDA: the caching allocator's per-process fraction, which raises torch.OutOfMemoryError.
-    """
-    if device.type == "cuda":
-        if extra_bytes is None:
-            return lambda: None
-        total = torch.cuda.get_device_properties(device).total_memory
-        fraction = min(1.0, (torch.cuda.memory_allocated(device) + extra_bytes) / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-        return lambda: torch.cuda.set_per_process_memory_fraction(1.0, device)
-
-    import resource
-
-    if extra_bytes is None:
-        extra_bytes = int(0.9 * _available_memory())  # a guard for the machine, not a budget
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _proc_status_bytes("VmSize") + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    return lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-_TORCH_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from 2.5
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether an exception means the step ran out of memory (CUDA, Python, or torch's CPU allocator)."""
-    if isinstance(error, (MemoryError, _TORCH_OOM)):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and any(
-        text in message for text in ("can't allocate memory", "Cannot allocate memory", "out of memory", "not enough memory")
-    )
-
-
 # ----- the step of each method -----------------------------------------------------------------------
 
 
 def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor], tuple[float, int | None]]:
     """The training (or inference) step of `case.method`; it returns (loss, chunks backpropagated)."""
-    from . import SeCO, SpaCO
-    from .loss import chunk_loss_sum, shift_labels
+    from chunkwise.core.config import ChunkwiseConfig
+    from chunkwise.core.loss import sequence_loss
 
-    def sequence_loss(input_ids: torch.Tensor) -> torch.Tensor:
-        targets = shift_labels(input_ids)
+    def full_loss(input_ids: torch.Tensor) -> torch.Tensor:
         # use_cache=False: ordinary training builds no KV cache (and checkpointing refuses one).
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        return chunk_loss_sum(logits, targets) / (targets != -100).sum()
+        return sequence_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
 
     if case.method == "forward":
 
         def forward_step(input_ids):
             with torch.no_grad():
-                return sequence_loss(input_ids).item(), None
+                return full_loss(input_ids).item(), None
 
         return forward_step
     if case.method in ("full", "ckpt"):
 
         def backprop_step(input_ids):
-            loss = sequence_loss(input_ids)
+            loss = full_loss(input_ids)
             loss.backward()
             return loss.item(), None
 
         return backprop_step
-    if case.method == "seco":
-        engine = SeCO(model, chunk_size=case.chunk_size, attention=case.attention, offload_kv=case.offload_kv)
-    else:
-        engine = SpaCO(
-            model, chunk_size=case.chunk_size, budget=case.budget, sampling="uniform", seed=case.seed,
-            full_loss=case.method == "spaco", attention=case.attention, offload_kv=case.offload_kv,
-        )
+    spaco = case.method != "seco"
+    settings = ChunkwiseConfig(method="spaco" if spaco else "seco", chunk_size=case.chunk_size, budget=case.budget if spaco else None,
+                               sampling="uniform", seed=case.seed, attention=case.attention, offload_kv=case.offload_kv)
+    engine = settings.make_engine(model, full_loss=case.method == "spaco")
 
     def chunkwise_step(input_ids):
         out = engine.backward(input_ids)
@@ -460,7 +344,7 @@ def measure_on(model: torch.nn.Module, case: BenchCase, meter, result: CaseResul
         model.zero_grad(set_to_none=True)
         gc.collect()
         result.baseline_bytes = baseline = meter.current()
-        lift_cap = _limit_memory(device, case.memory_cap)
+        lift_cap = limit_memory(device, case.memory_cap)
         for _ in range(case.warmup):
             model.zero_grad(set_to_none=True)
             step(input_ids)
@@ -515,7 +399,7 @@ def _set_up(case: BenchCase, model: torch.nn.Module, device: torch.device, resul
 
 def child_command(case: BenchCase) -> list[str]:
     """The command line that measures `case` in a fresh Python process."""
-    return [sys.executable, "-m", "chunkwise.bench", "--case", json.dumps(asdict(case))]
+    return [sys.executable, "-m", "chunkwise.tools.bench.runner", "--case", json.dumps(asdict(case))]
 
 
 def child_environment() -> dict[str, str]:
@@ -687,7 +571,7 @@ def describe_machine(device: str) -> dict:
     """The machine the numbers come from: CPU, cores, memory, library versions, accelerator, load."""
     import transformers
 
-    from . import __version__
+    from chunkwise import __version__
 
     cpu_model = platform.processor() or platform.machine()
     try:
@@ -922,7 +806,7 @@ def write_outputs(report: BenchReport, directory: Path) -> dict[str, Path]:
 
 
 def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chunkwise.bench", description="Measure one benchmark case.")
+    parser = argparse.ArgumentParser(prog="python -m chunkwise.tools.bench.runner", description="Measure one benchmark case.")
     parser.add_argument("--case", required=True, help="the BenchCase as JSON")
     case = BenchCase(**json.loads(parser.parse_args(argv).case))
     result = measure_case(case)
