@@ -74,7 +74,8 @@ def test_the_algorithm_knows_nothing_of_its_users():
 
 def test_public_paths_keep_working():
     from chunkwise import ChunkwiseConfig, SeCO, SpaCO  # noqa: F401
-    from chunkwise.hf import ChunkwiseConfig as HfConfig, ChunkwiseTrainer  # noqa: F401
+    from chunkwise.hf import ChunkwiseConfig as HfConfig  # noqa: F401
+    from chunkwise.hf import ChunkwiseTrainer
     from chunkwise.objectives import DPO, GRPO  # noqa: F401
     from chunkwise.trl_trainers import ChunkwiseDPOMixin  # noqa: F401
 

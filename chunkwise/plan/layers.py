@@ -5,7 +5,7 @@ symbolic tensors that carry only a width, an element size and whether they need 
 records what autograd saves for it, following the rules PyTorch, transformers, peft and
 `chunkwise.attention.chunk` follow: which input an op saves, which copies autocast makes (it casts an
 activation anew on every call, caching only weights), which copies a dtype promotion makes.
-docs/plan.md has the table of rules; tests/test_plan.py checks the trace against `saved_tensors_hooks`.
+docs/plan.md has the table of rules; tests/plan/test_plan.py checks the trace against `saved_tensors_hooks`.
 
 `shape` is a `chunkwise.plan.ModelShape` and `training` a `chunkwise.plan.Training` (read by attribute,
 so this module imports nothing from the planner).

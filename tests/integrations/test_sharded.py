@@ -168,7 +168,7 @@ def refusal(action) -> str:
 def deepspeed_trainers(rank: int, out_dir: str) -> dict:
     """Plain Trainer and ChunkwiseTrainer with `TrainingArguments(deepspeed=...)`, ZeRO stages 1-3 (float32)."""
     from deepspeed.utils import safe_get_full_fp32_param
-    from test_hf_trainer import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
+    from trainer_helpers import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
 
     # What accelerate reads to see a 2-process run (the harness has joined the process group).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
@@ -228,7 +228,7 @@ def fsdp_worker(rank: int, out_dir: str, model_dir: str) -> dict:
 
 def fsdp_trainers(rank: int, out_dir: str, model_dir: str) -> dict:
     """Plain Trainer and ChunkwiseTrainer on a model transformers shards with FSDP2 as it loads it (float64)."""
-    from test_hf_trainer import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
+    from trainer_helpers import CHUNK, Float64LossTrainer, ListDataset, make_rows, training_args
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
@@ -379,7 +379,7 @@ def test_fsdp2_reduce_scatters_each_group_once_per_step(fsdp_ranks, mode):
 
 def trainer_updates(ranks: list[dict], dtype: torch.dtype) -> list[tuple[float, float, float]]:
     """Per rank: (largest relative difference of the parameter updates, chunkwise loss, plain loss)."""
-    from test_hf_trainer import updates
+    from trainer_helpers import updates
 
     before = {n: p.detach().clone() for n, p in build_tiny_model("tiny-llama", dtype=dtype).named_parameters()}
     return [(max_relative_error(updates(r["chunkwise"][0], before), updates(r["plain"][0], before)), r["chunkwise"][1], r["plain"][1])

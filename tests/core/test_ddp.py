@@ -116,7 +116,7 @@ def test_rank_without_targets_still_joins_the_all_reduce(ranks):
 def test_torchrun_example_runs_as_documented(tmp_path):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code, output = run_launcher(torchrun("--nproc_per_node", "2", "examples/torchrun_seco.py"), tmp_path, cwd=root)
     assert_launch_succeeded(code, output)
     assert "step 4: loss" in output

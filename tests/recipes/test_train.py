@@ -24,7 +24,7 @@ from chunkwise.models.presets import build_tiny_model
 from chunkwise.recipes.checkpoint import latest_checkpoint
 from chunkwise.recipes.train.recipe import TrainConfig, TrainingError, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = [f"w{i}" for i in range(100)]
 
 

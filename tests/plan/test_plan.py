@@ -267,7 +267,7 @@ def test_trainer_auto_chunk_size_follows_the_budget():
 
 
 def test_trainer_takes_the_auto_chunk_in_its_steps(tmp_path):
-    from test_hf_trainer import ListDataset, training_args
+    from trainer_helpers import ListDataset, training_args
 
     from chunkwise.integrations.trainer import ChunkwiseTrainer
 
