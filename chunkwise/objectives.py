@@ -1,19 +1,4 @@
-"""Public path of the training objectives (`chunkwise.core.objectives`)."""
+"""Public path of the training objectives (`chunkwise.core.objectives`): cross-entropy, DPO, IPO, SimPO, GRPO."""
 
-from chunkwise.core.objectives import (
-    DPO,
-    GRPO,
-    IPO,
-    OBJECTIVES,
-    BoundObjective,
-    CrossEntropy,
-    Objective,
-    PairedLoss,
-    Policy,
-    SequenceLoss,
-    SimPO,
-    TokenLoss,
-)
-
-__all__ = ["Objective", "BoundObjective", "Policy", "CrossEntropy", "TokenLoss", "SequenceLoss", "PairedLoss", "DPO", "IPO",
-           "SimPO", "GRPO", "OBJECTIVES"]
+from chunkwise.core.objectives import *  # noqa: F401,F403
+from chunkwise.core.objectives import __all__  # noqa: F401

@@ -159,7 +159,7 @@ def bench(
         return run_suite(output=output, dry_run=dry_run, device=None if device == "auto" else device)
     if dry_run:
         raise UsageError("--dry-run goes with --suite gpu")
-    from chunkwise.tools.bench.runner import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
+    from chunkwise.tools.bench import DEFAULT_MODEL, BenchSettings, run_benchmark, write_outputs
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,7 +222,7 @@ def plan(
     import json
 
     from chunkwise.models.presets import DEMO_MODEL
-    from chunkwise.plan.memory import Budget, ModelShape, Training, build_report, device_budget
+    from chunkwise.plan import Budget, ModelShape, Training, build_report, device_budget
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,7 +256,7 @@ def _print_plan(report, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from chunkwise.plan.memory import LONGEST_SEARCH_LIMIT, describe_parts
+    from chunkwise.plan import LONGEST_SEARCH_LIMIT, describe_parts
     from chunkwise.utils.memory import format_bytes as format_bytes
 
     shape, training, budget = report.shape, report.training, report.budget

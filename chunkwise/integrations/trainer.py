@@ -50,7 +50,7 @@ def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *
     parameters; the budget is the device's free memory plus what the parameters, gradients and optimizer
     state already hold (the plan counts them), or `config.memory`.
     """
-    from chunkwise.plan.memory import ModelShape, Training, device_budget, fit_chunk_size
+    from chunkwise.plan import ModelShape, Training, device_budget, fit_chunk_size
 
     named = list(model.named_parameters())
     trained = [p for _, p in named if p.requires_grad]

@@ -45,7 +45,7 @@ from chunkwise.data.sequences import PACKING_MODES, collate, pad_token_id, read_
 from chunkwise.data.synthetic import SYNTHETIC, synthetic_task_for
 from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
 from chunkwise.models.presets import DEMO_MODEL
-from chunkwise.plan.memory import PlanError, describe_parts, plan_training_step
+from chunkwise.plan import PlanError, describe_parts, plan_training_step
 from chunkwise.recipes.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
