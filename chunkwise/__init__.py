@@ -1,14 +1,16 @@
 """chunkwise: fine-tune long-context causal LMs chunk by chunk (SeCO: exact; SpaCO: sparse, unbiased)."""
 
-from .cache import ChunkCache
-from .engine import ChunkwiseOutput, SeCO, SpaCO
-from .objectives import DPO, GRPO, IPO, CrossEntropy, Objective, SequenceLoss, SimPO, TokenLoss
-from .sampling import BernoulliSampler, ChunkSampler, ChunkSelection, UniformSampler
+from chunkwise.core.cache import ChunkCache
+from chunkwise.core.config import ChunkwiseConfig
+from chunkwise.core.engine import ChunkwiseOutput, SeCO, SpaCO
+from chunkwise.core.objectives import DPO, GRPO, IPO, CrossEntropy, Objective, SequenceLoss, SimPO, TokenLoss
+from chunkwise.core.sampling import BernoulliSampler, ChunkSampler, ChunkSelection, UniformSampler
 
 __all__ = [
     "SeCO",
     "SpaCO",
     "ChunkwiseOutput",
+    "ChunkwiseConfig",
     "ChunkCache",
     "ChunkSampler",
     "ChunkSelection",

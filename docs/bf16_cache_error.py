@@ -4,7 +4,7 @@
 
 For seeds 0-9 and two sequence lengths (tiny-llama, batch 2, chunk 8): the max relative gradient error
 of full backprop and of SeCO under bf16 autocast (float32 weights) against the float64 gradient of the
-same weights, and their ratio. tests/test_autocast.py bounds the ratio by 2.
+same weights, and their ratio. tests/core/test_autocast.py bounds the ratio by 2.
 """
 
 import sys

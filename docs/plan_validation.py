@@ -23,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from chunkwise.plan import MiB, ModelShape, Training, method_plan
+from chunkwise.plan.memory import ModelShape, Training, method_plan
+from chunkwise.utils.memory import MiB
 
 # The local models of the validation: shapes the bench's Llama presets do not cover.
 LOCAL_MODELS = {
@@ -58,7 +59,7 @@ def make_models(folder: Path) -> None:
 def shape_of(model: str) -> ModelShape:
     from transformers import LlamaConfig
 
-    from chunkwise.bench import BENCH_MODELS
+    from chunkwise.tools.bench.runner import BENCH_MODELS
 
     if model in BENCH_MODELS:
         return ModelShape.from_config(LlamaConfig(**BENCH_MODELS[model]), name=model)
@@ -72,7 +73,7 @@ def spaco_selection(case: dict, num_chunks: int) -> str:
     seeded as the bench's engine is (the bench measures one step)."""
     if case["method"] != "spaco" or case["repeats"] != 1:
         return ""
-    from chunkwise.sampling import make_sampler
+    from chunkwise.core.sampling import make_sampler
 
     sampler = make_sampler("uniform", budget=case["budget"], max_compensation=None, seed=case["seed"])
     for _ in range(case["warmup"] + 1):
@@ -131,7 +132,7 @@ def measure_autocast(args: argparse.Namespace) -> None:
     """Run `chunkwise bench`'s cases under bfloat16 autocast and write bench.json / bench.md to `args.output`."""
     from dataclasses import asdict
 
-    from chunkwise.bench import BenchReport, BenchSettings, describe_machine, markdown_table, run_case
+    from chunkwise.tools.bench.runner import BenchReport, BenchSettings, describe_machine, markdown_table, run_case
 
     settings = BenchSettings(model=args.model, methods=tuple(args.methods.split(",")), lengths=tuple(map(int, args.lengths.split(","))),
                              chunk_size=args.chunk_size, budget=args.budget, dtype="bfloat16" if args.lora_r else "float32",
@@ -162,7 +163,7 @@ def autocast_case(case_json: str, *, cold: bool) -> None:
     """
     import torch
 
-    from chunkwise.bench import RESULT_MARKER, BenchCase, build_case_model, make_step, measure_case
+    from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, build_case_model, make_step, measure_case
 
     def warmed(case: BenchCase, device: torch.device) -> torch.nn.Module:
         model = build_case_model(case, device)
@@ -184,7 +185,7 @@ def lm_head_workspace(model: str, tokens: int) -> str:
     """
     import torch
 
-    from chunkwise.bench import CpuMemory
+    from chunkwise.utils.memory import CpuMemory
 
     torch.set_num_threads(1)
     shape = shape_of(model)
@@ -203,7 +204,8 @@ def code_pages(model: str, method: str, seq_len: int, chunk_size: int) -> str:
     part of the bench's peak, not a tensor. Measured like a bench case (same priming step and baseline)."""
     import torch
 
-    from chunkwise.bench import BenchCase, CaseResult, CpuMemory, build_case_model, measure_on
+    from chunkwise.tools.bench.runner import BenchCase, CaseResult, build_case_model, measure_on
+    from chunkwise.utils.memory import CpuMemory
 
     class FileBacked(CpuMemory):
         def current(self) -> int:

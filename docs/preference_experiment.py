@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from chunkwise.batch import chunk_batch
-from chunkwise.data import DEMO_TASK
-from chunkwise.models import inspect_causal_lm
-from chunkwise.preferences import collate_pairs, read_preference_pairs
-from chunkwise.reference import ReferenceModel, reference_token_logps
-from chunkwise.run import load_trained_model
-from chunkwise.train import TrainConfig, train
+from chunkwise.core.batch import chunk_batch
+from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.reference import ReferenceModel, reference_token_logps
+from chunkwise.data.preferences import collate_pairs, read_preference_pairs
+from chunkwise.data.synthetic import DEMO_TASK
+from chunkwise.recipes.run import load_trained_model
+from chunkwise.recipes.train.recipe import TrainConfig, train
 
 
 def preference_rows(count: int, *, seq_len: int, seed: int) -> list[dict]:

@@ -28,7 +28,7 @@ import types
 import torch
 
 from chunkwise import ChunkSampler, SeCO, SpaCO
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 SEQ_LEN = 64
 CHUNK_SIZE = 8  # k = 8 chunks: 2^8 = 256 selections per compensation factor

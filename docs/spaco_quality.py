@@ -80,9 +80,9 @@ TIMING_ROUNDS, TIMING_WARMUP = int(os.environ.get("SPACO_TIMING_ROUNDS", 40)), 3
 def measure_step_times() -> dict[str, float]:
     """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin."""
     from chunkwise import SeCO, SpaCO
-    from chunkwise.data import DEMO_TASK
-    from chunkwise.models import build_tiny_model
-    from chunkwise.train import full_backward
+    from chunkwise.data.synthetic import DEMO_TASK
+    from chunkwise.models.presets import build_tiny_model
+    from chunkwise.recipes.train.recipe import full_backward
 
     torch.set_num_threads(1)
     model = build_tiny_model("demo-llama")
@@ -116,7 +116,7 @@ def measure_step_times() -> dict[str, float]:
 
 def dense_data(folder: Path, steps: int) -> tuple[Path, Path]:
     """The recall sequences as text (every token a target when read as --data): training and held-out JSONL."""
-    from chunkwise.data import DEMO_TASK, held_out_seed
+    from chunkwise.data.synthetic import DEMO_TASK, held_out_seed
 
     folder.mkdir(parents=True, exist_ok=True)
     vocabulary = DEMO_TASK.vocabulary
@@ -155,11 +155,12 @@ def run_one(command: list[str], log_path: Path) -> float:
 @torch.no_grad()
 def final_accuracy(run: Path) -> dict:
     """Answer accuracy and loss of the run's final model on `FINAL_SEQUENCES` held-out recall sequences."""
-    from chunkwise.data import DEMO_TASK, held_out_batches
-    from chunkwise.evaluate import score_batches
-    from chunkwise.models import inspect_causal_lm
-    from chunkwise.run import load_trained_model
     from transformers.utils import logging as hf_logging
+
+    from chunkwise.core.handle import inspect_causal_lm
+    from chunkwise.core.inference import score_batches
+    from chunkwise.data.synthetic import DEMO_TASK, held_out_batches
+    from chunkwise.recipes.run import load_trained_model
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # a thread team waits on the slowest thread: on a busy machine one thread is faster
@@ -190,11 +191,12 @@ def gradient_diagnosis(model_path: str | None) -> dict:
     (‖g − g_last‖/‖g‖, g_last: the last chunk backpropagated alone, factor 1). Float64."""
     import itertools
 
-    from chunkwise import SeCO, SpaCO
-    from chunkwise.data import DEMO_TASK
-    from chunkwise.models import build_tiny_model
-    from chunkwise.run import load_trained_model
     from spaco_bias import FixedSelection  # docs/spaco_bias.py: a sampler that always returns one selection
+
+    from chunkwise import SeCO, SpaCO
+    from chunkwise.data.synthetic import DEMO_TASK
+    from chunkwise.models.presets import build_tiny_model
+    from chunkwise.recipes.run import load_trained_model
 
     torch.set_num_threads(1)
     model = (build_tiny_model("demo-llama") if model_path is None else load_trained_model(model_path)[0]).double()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from chunkwise import SeCO
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--zero", type=int, choices=[1, 2, 3], help="DeepSpeed ZeRO stage instead of DDP")
@@ -41,7 +41,7 @@ if options.zero:
     optimizer_step = wrapped.step  # DeepSpeed clips (gradient_clipping), steps and clears the gradients
 else:
     if options.fsdp:
-        from chunkwise.parallel import shard_fsdp2
+        from chunkwise.core.sync import shard_fsdp2
 
         wrapped = shard_fsdp2(model)  # each decoder layer, then the model: parameters become DTensor shards
     else:

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainingArguments
 
 from chunkwise.hf import ChunkwiseConfig, ChunkwiseTrainer
-from chunkwise.models import build_tiny_model
+from chunkwise.models.presets import build_tiny_model
 
 model = build_tiny_model("tiny-llama")  # or AutoModelForCausalLM.from_pretrained(...), or a PEFT model
 rows = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)} for ids in torch.randint(0, 128, (16, 256))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from chunkwise.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 
 
 def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def chunk_by_chunk_backward(model, input_ids, *, chunk_size, labels=None):
 def float64_truth(preset: str, input_ids: torch.Tensor, *, seed: int) -> dict[str, torch.Tensor]:
     """The float64 full-backprop gradient of the tiny `preset` built with `seed`, as float32: the truth that
     lower-precision gradients of the same weights are judged against."""
-    from chunkwise.models import build_tiny_model
+    from chunkwise.models.presets import build_tiny_model
 
     _, truth = full_backward(build_tiny_model(preset, dtype=torch.float64, seed=seed), input_ids)
     return {name: g.float() for name, g in truth.items()}
@@ -75,7 +75,7 @@ def bf16_autocast_errors(input_ids: torch.Tensor, *, seed: int, chunk_size: int,
     """Under bfloat16 autocast with float32 weights: (full backprop's, SeCO's) max relative gradient error
     against `float64_truth`, and SeCO's `BackwardOutput`. `input_ids` `[B, T]`."""
     from chunkwise import SeCO
-    from chunkwise.models import build_tiny_model
+    from chunkwise.models.presets import build_tiny_model
 
     truth = float64_truth(preset, input_ids, seed=seed)
     model = build_tiny_model(preset, dtype=torch.float32, seed=seed)

@@ -19,8 +19,8 @@ import torch
 from multirank import RUN_TIMEOUT, Launched, RanksFailed, SpawnedRanks, assert_launch_succeeded, run_ranks, torchrun
 
 from chunkwise import SeCO
-from chunkwise.models import build_tiny_model
-from chunkwise.train import is_lost_rank
+from chunkwise.models.presets import build_tiny_model
+from chunkwise.recipes.train.recipe import is_lost_rank
 
 
 def killed_mid_step(rank: int) -> dict:

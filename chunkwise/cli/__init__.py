@@ -1,0 +1,5 @@
+"""`chunkwise train | eval | verify | plan | bench | probe`."""
+
+from chunkwise.cli.main import main
+
+__all__ = ["main"]

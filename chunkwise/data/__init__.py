@@ -1,0 +1,1 @@
+"""Data: files -> documents -> token rows (packing), the synthetic task, preference pairs, probes."""

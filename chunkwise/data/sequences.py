@@ -1,0 +1,223 @@
+"""Documents to training rows: tokenize, pack or truncate to `seq_len`, collate into padded batches."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from chunkwise.core.loss import IGNORE_INDEX
+from chunkwise.data.files import DataError, Record, load_records
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    """One example as tokens.
+
+    Attributes:
+        source: where the example came from (`Record.source`).
+        input_ids: `[n]` token ids, n >= 2.
+        labels: `[n]` the targets, aligned with `input_ids` (not shifted): the token itself, or
+            IGNORE_INDEX (-100) on prompt tokens.
+    """
+
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_records(records: list[Record], tokenizer) -> list[TokenizedDocument]:
+    """Tokenise each record with a Hugging Face tokenizer, in order.
+
+    Text: the tokenizer's ids with its default special tokens (e.g. BOS), then `eos_token_id` when the
+    tokenizer has one and did not put it last already, so a model learns where a document ends and
+    packed documents stay separated; every token is a target.
+
+    Instruction: `tokenizer(prompt)` (default special tokens) followed by `tokenizer(response)`
+    without special tokens, plus EOS when there is one; only response tokens (and EOS) are targets.
+    The two are tokenised separately and joined as they are, so any separator (a space, a newline,
+    a chat template) must already be in the prompt or the response.
+
+    Raises:
+        DataError: naming the record, for an empty text, a document of fewer than two tokens, or an
+            instruction example with nothing to predict.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    documents = []
+    for record in records:
+        if record.is_instruction:
+            prompt_ids = _token_ids(tokenizer, record.prompt)
+            response_ids = _token_ids(tokenizer, record.response, add_special_tokens=False)
+            if eos is not None:
+                response_ids.append(eos)
+            input_ids = prompt_ids + response_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        else:
+            if not record.text.strip():
+                # Caught before tokenising: BOS + EOS alone would pass the two-token check below.
+                raise DataError(
+                    f"{record.source} is empty; every document needs at least two tokens (one token "
+                    "predicts the next): remove it or fix the data"
+                )
+            input_ids = _token_ids(tokenizer, record.text)
+            if eos is not None and (not input_ids or input_ids[-1] != eos):
+                input_ids.append(eos)
+            labels = list(input_ids)
+        _check_document(record.source, input_ids, labels)
+        documents.append(TokenizedDocument(record.source, input_ids, labels))
+    return documents
+
+
+def _token_ids(tokenizer, text: str, **kwargs) -> list[int]:
+    return list(tokenizer(text, **kwargs)["input_ids"])
+
+
+def _check_document(source: str, input_ids: list[int], labels: list[int]) -> None:
+    count = len(input_ids)
+    if count < 2:
+        raise DataError(
+            f"{source} has {count} token{'' if count == 1 else 's'}; every document needs at least two "
+            "(one token predicts the next): remove it or fix the data"
+        )
+    # Token 0 is never predicted (the loss shifts labels by one), so it cannot be the only target.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise DataError(
+            f"{source} has no target token: its response is empty and the tokenizer has no EOS token; "
+            "remove it or give it a response"
+        )
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One training row before padding.
+
+    Attributes:
+        input_ids: `[n]` token ids, 2 <= n <= seq_len.
+        labels: `[n]` aligned targets (not shifted), IGNORE_INDEX where ignored; at least one of
+            `labels[1:]` is a real target.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+PACKING_MODES = ("pack", "truncate")
+
+
+def make_sequences(documents: list[TokenizedDocument], *, seq_len: int, packing: str) -> list[Sequence]:
+    """Cut documents into training rows of at most `seq_len` tokens.
+
+    packing="pack": all documents concatenated in order (ids and labels alike, so documents keep
+    their own BOS/EOS and prompt masks) and cut into consecutive `seq_len` blocks; a final partial
+    block is kept if it has at least two tokens. No padding is wasted; a block may span documents.
+    packing="truncate": one row per document, its first `seq_len` tokens (the rest is dropped;
+    shorter documents are padded later, in `collate`).
+
+    Rows with no real target after the one-token shift (`labels[1:]` all -100, e.g. an instruction
+    example whose prompt fills all `seq_len` tokens) are dropped, with a logged warning.
+
+    Raises:
+        ValueError: `seq_len` is not an integer >= 2, or `packing` is unknown.
+        DataError: no row with a target is left.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (one token predicts the next), got {seq_len!r}")
+    if packing not in PACKING_MODES:
+        raise ValueError(f"packing must be one of {', '.join(map(repr, PACKING_MODES))}, got {packing!r}")
+    if not documents:
+        raise DataError("no documents to make training sequences from; check the data path")
+    rows = _pack(documents, seq_len) if packing == "pack" else _truncate(documents, seq_len)
+    kept = [row for row in rows if _has_target(row.labels)]
+    if not kept:
+        raise DataError(
+            f"none of the {len(rows)} sequences of at most {seq_len} tokens has a target token (prompts "
+            "longer than seq_len leave no response tokens); raise seq_len or shorten the prompts"
+        )
+    if len(kept) < len(rows):
+        dropped = len(rows) - len(kept)
+        logger.warning(
+            "dropped %d of %d sequences with no target token (prompt longer than seq_len=%d)", dropped, len(rows), seq_len
+        )
+    return kept
+
+
+def _pack(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
+    input_ids = list(itertools.chain.from_iterable(document.input_ids for document in documents))
+    labels = list(itertools.chain.from_iterable(document.labels for document in documents))
+    return [
+        Sequence(input_ids[start : start + seq_len], labels[start : start + seq_len])
+        for start in range(0, len(input_ids), seq_len)
+        if len(input_ids) - start >= 2  # a lone last token predicts nothing
+    ]
+
+
+def _truncate(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
+    return [Sequence(document.input_ids[:seq_len], document.labels[:seq_len]) for document in documents]
+
+
+def _has_target(labels: list[int]) -> bool:
+    return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def read_sequences(
+    path: str,
+    tokenizer,
+    *,
+    seq_len: int | None,
+    packing: str,
+    text_field: str = "text",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    split: str = "train",
+) -> list[Sequence]:
+    """The whole ladder from a data path to rows: `load_records` → `tokenize_records` → `make_sequences`.
+
+    `seq_len=None` keeps every document whole (evaluation of long documents).
+    """
+    records = load_records(path, text_field=text_field, prompt_field=prompt_field, response_field=response_field, split=split)
+    documents = tokenize_records(records, tokenizer)
+    if seq_len is None:
+        seq_len = max(len(document.input_ids) for document in documents)
+    return make_sequences(documents, seq_len=seq_len, packing=packing)
+
+
+def collate(sequences: list[Sequence], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest one.
+
+    Returns:
+        "input_ids": `[B, T]` long, `pad_token_id` on padding;
+        "attention_mask": `[B, T]` long, 1 on real tokens, 0 on padding;
+        "labels": `[B, T]` long, IGNORE_INDEX (-100) on padding, so padding is never a target.
+    """
+    if not sequences:
+        raise ValueError("collate needs at least one sequence")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise ValueError(
+            f"pad_token_id must be a token id (int), got {pad_token_id!r}; a tokenizer without a pad "
+            "token can pad with its eos_token_id (padding is masked out)"
+        )
+    batch_size, width = len(sequences), max(len(sequence.input_ids) for sequence in sequences)
+    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        length = len(sequence.input_ids)
+        input_ids[row, :length] = torch.tensor(sequence.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(sequence.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ----- the synthetic long-range task -----
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (padding is masked out, so any id works), else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

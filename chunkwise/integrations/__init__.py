@@ -1,0 +1,1 @@
+"""`transformers.Trainer` and TRL trainers that train chunk-wise."""

@@ -1,0 +1,129 @@
+"""Loading what the user names: a tiny preset, a folder saved with `save_pretrained`, or a hub id; and LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, _tiny_config, build_tiny_model
+
+
+def _local_model_path(name_or_path: str) -> Path | None:
+    """The folder `name_or_path` names, None for a hub id; FileNotFoundError for a path that does not exist.
+
+    A name that starts like a path (`.`, `/`, `~`) or exists on disk is a path, whatever else it looks like.
+    """
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+    if not looks_local:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} {what}; give a directory saved with save_pretrained(), "
+            f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
+        )
+    return path
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id."""
+    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
+        return build_tiny_model(name_or_path, dtype=dtype, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    local = _local_model_path(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, dtype=dtype)
+
+
+def load_model_config(name_or_path: str):
+    """The config of `load_causal_lm(name_or_path)`, read without loading any weight.
+
+    A preset's config is built; a folder's is its `config.json` (a LoRA adapter folder's is its base
+    model's, named in `adapter_config.json`); a hub id's comes from the hub (or its local cache).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a folder without a config, or a config that cannot be read; the message says which.
+    """
+    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
+        return _tiny_config(name_or_path)
+    from transformers import AutoConfig
+
+    local = _local_model_path(name_or_path)
+    if local is not None and not (local / "config.json").is_file():
+        adapter = local / "adapter_config.json"
+        if adapter.is_file():
+            import json
+
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if base:
+                return load_model_config(base)
+        raise ValueError(f"{name_or_path} has no config.json: it is not a model folder saved with save_pretrained()")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local else name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read the config of {name_or_path} ({str(error).splitlines()[0]})") from None
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer that goes with `load_causal_lm(name_or_path)`: the synthetic task's for the demo
+    model, none for the tiny presets, else `AutoTokenizer` from the same folder or hub id."""
+    if name_or_path == DEMO_MODEL:
+        from chunkwise.data.synthetic import DEMO_TASK
+
+        return DEMO_TASK.tokenizer()
+    if name_or_path in TINY_PRESETS:
+        return None
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
+
+
+def check_position_limit(model_config, length: int, *, allow: bool, option: str = "--seq-len", log=print) -> None:
+    """Refuse (or, if allowed, warn about) sequences beyond the model's trained position range."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or length <= limit:
+        return
+    message = f"{option} {length} is above the model's position limit max_position_embeddings={limit}"
+    if not allow:
+        raise ValueError(f"{message}; lower it, or pass --allow-extrapolation to go beyond it knowingly")
+    log(f"warning: {message}; positions past {limit} are extrapolated (--allow-extrapolation)")
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def add_lora(model: PreTrainedModel, *, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             targets: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS, random_b: float = 0.0, seed: int = 0,
+             option: str = "LoRA targets"):
+    """Wrap `model` in a peft LoRA adapter; only the adapter's weights train.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: scaling numerator (default 2 × rank, as in the paper).
+        targets: names of the linear layers that get an adapter.
+        random_b: if non-zero, lora_B is drawn as `random_b * N(0, 1)` from a generator seeded `seed`
+            instead of peft's zeros. With B = 0, A's gradient is exactly zero and a gradient check of it
+            proves nothing (`chunkwise verify`, the tests).
+    Raises:
+        ValueError: a target that matches no layer of the model: `option` (the flag that named them), the
+            targets and peft's reason.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout, target_modules=list(targets))
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(f"{option} {','.join(targets)!r}: {str(error).splitlines()[0]}") from None
+    if random_b:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(random_b * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model

@@ -1,0 +1,1 @@
+"""Recipes: `train`, `eval`, `verify`, the probes, the run directory and atomic checkpoints."""

@@ -1,0 +1,100 @@
+"""The run directory `chunkwise train` writes, and how `chunkwise eval` (or a user) reads it back.
+
+    runs/demo/
+      chunkwise_run.json    the run's settings (TrainConfig) and the package version: marks a run
+      metrics.jsonl         one line per step (and per evaluation)
+      loss.png              loss curve (and held-out loss, the best step marked)
+      best_eval.json        the held-out evaluation with the lowest loss: its step and scores
+      checkpoints/step-N/   the latest checkpoint (model or adapter, optimizer, scheduler, RNG, ...)
+      model/                the final model (full fine-tuning: `AutoModelForCausalLM.from_pretrained`)
+                            or LoRA adapter (`PeftModel.from_pretrained(base, ...)`), with the tokenizer
+
+A model folder holds `config.json` + `model.safetensors` (full) or `adapter_config.json` +
+`adapter_model.safetensors` (LoRA), and the tokenizer files, so each is usable without chunkwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+RUN_FILE = "chunkwise_run.json"
+BEST_EVAL = "best_eval.json"
+FINAL_MODEL = "model"
+MODEL_SUBDIR = "model"  # inside a checkpoint folder
+
+
+def is_run_directory(path: Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def read_run_settings(path: Path) -> dict:
+    """The settings a run was started with (the `TrainConfig` fields)."""
+    try:
+        return json.loads((Path(path) / RUN_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{Path(path) / RUN_FILE} cannot be read ({error}); the run directory is damaged") from None
+
+
+def model_folder_of_run(path: Path) -> Path:
+    """The final model of a run, or its latest checkpoint's model when training did not finish."""
+    from chunkwise.recipes.checkpoint import latest_checkpoint
+
+    final = Path(path) / FINAL_MODEL
+    if final.is_dir():
+        return final
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(f"run directory {path} has neither a final model nor a checkpoint yet; nothing to load")
+    return checkpoint / MODEL_SUBDIR
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32):
+    """Load a model for evaluation from a run directory, a model/adapter folder, a hub id or a tiny preset.
+
+    Returns:
+        `(model, tokenizer or None, settings of the run or None)`.
+    """
+    from transformers import AutoTokenizer
+
+    from chunkwise.models.loading import load_causal_lm, load_tokenizer
+
+    folder = Path(path).expanduser()
+    settings = None
+    if is_run_directory(folder):
+        settings = read_run_settings(folder)
+        folder = model_folder_of_run(folder)
+    if not folder.is_dir():
+        return load_causal_lm(path, dtype=dtype), load_tokenizer(path), None
+    if is_adapter_folder(folder):
+        model = _load_adapter(folder, settings, dtype)
+    else:
+        model = load_causal_lm(str(folder), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, settings
+
+
+def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
+    """A LoRA adapter on the base model it was trained from (named in the run settings or the adapter config)."""
+    from peft import PeftModel
+
+    from chunkwise.models.loading import load_causal_lm
+
+    if settings is not None:
+        base = settings["model"]
+        seed = settings.get("seed", 0)
+    else:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        seed = 0
+    if not base:
+        raise ValueError(
+            f"{folder} holds a LoRA adapter but does not say which base model it belongs to; evaluate the run "
+            "directory it came from, or set base_model_name_or_path in adapter_config.json"
+        )
+    return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, seed=seed), str(folder))

@@ -1,0 +1,1 @@
+"""Tools: the benchmark harness and the one-shot GPU suite."""

@@ -1,0 +1,1 @@
+"""Utilities every layer may use: memory meters and sizes, device and precision choice."""

@@ -1,0 +1,58 @@
+"""`chunkwise verify`: prints per-group differences, exits 0 within tolerance, 1 above, 2 on bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chunkwise.cli.main import main
+from chunkwise.models.presets import build_tiny_model
+
+
+def test_verify_passes_on_a_tiny_preset(capsys):
+    code = main(["verify", "--model", "tiny-mistral", "--seq-len", "40", "--chunk-size", "6", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "model.layers.*.self_attn.q_proj.weight" in out and "max rel diff" in out
+    assert "PASS" in out
+
+
+def test_verify_fails_when_the_tolerance_cannot_be_met(capsys):
+    # float32 chunked vs full differ by rounding, so a tolerance of 0 must fail.
+    code = main(["verify", "--dtype", "float32", "--tolerance", "0", "--seq-len", "40", "--chunk-size", "6"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL: max relative difference" in out
+
+
+def test_verify_lora_on_a_saved_model(tmp_path, capsys):
+    build_tiny_model("tiny-qwen3").save_pretrained(tmp_path / "model")
+    code = main(["verify", "--model", str(tmp_path / "model"), "--seq-len", "24", "--chunk-size", "5", "--lora-r", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "lora_A" in out and "lora_B" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "./no/such/model"], "does not exist"),
+        (["--seq-len", "1"], "--seq-len must be at least 2"),
+        (["--chunk-size", "0"], "chunk_size must be a positive integer"),
+        (["--tolerance", "-1"], "--tolerance must be a finite number"),
+    ],
+)
+def test_verify_bad_input_is_one_line(capsys, args, message):
+    assert main(["verify", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "chunkwise"
+    result = subprocess.run(
+        [str(script), "verify", "--seq-len", "16", "--chunk-size", "4"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout
