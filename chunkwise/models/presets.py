@@ -21,7 +21,7 @@ _TINY_COMMON = dict(
 )
 
 
-def _tiny_config(preset: str):
+def tiny_config(preset: str):
     """Build the config of a tiny preset; imports are local so unused architectures cost nothing."""
     if preset == "tiny-llama":
         from transformers import LlamaConfig
@@ -94,7 +94,7 @@ def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: i
     """
     from transformers import AutoModelForCausalLM
 
-    config = _tiny_config(preset)
+    config = tiny_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
