@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from chunkwise.plan.memory import ModelShape, Training, method_plan
+from chunkwise.plan import ModelShape, Training, method_plan
 from chunkwise.utils.memory import MiB
 
 # The local models of the validation: shapes the bench's Llama presets do not cover.

@@ -24,7 +24,7 @@ from chunkwise.core.handle import inspect_causal_lm
 from chunkwise.integrations.trainer import ChunkwiseConfig, plan_for_model
 from chunkwise.models.presets import build_tiny_model
 from chunkwise.plan.layers import LayerCost
-from chunkwise.plan.memory import (
+from chunkwise.plan import (
     MIN_AUTO_CHUNK,
     Budget,
     ModelShape,
