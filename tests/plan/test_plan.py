@@ -23,7 +23,6 @@ from chunkwise.core.engine import _chunk_inputs, forward_checkpoints
 from chunkwise.core.handle import inspect_causal_lm
 from chunkwise.integrations.trainer import ChunkwiseConfig, plan_for_model
 from chunkwise.models.presets import build_tiny_model
-from chunkwise.plan.layers import LayerCost
 from chunkwise.plan import (
     MIN_AUTO_CHUNK,
     Budget,
@@ -34,6 +33,7 @@ from chunkwise.plan import (
     fit_chunk_size,
     method_plan,
 )
+from chunkwise.plan.layers import LayerCost
 from chunkwise.recipes.train.recipe import TrainConfig, train
 
 MiB = 1 << 20
@@ -159,7 +159,7 @@ def test_tiny_llama_breakdown_is_the_documented_one():
 
 
 def test_llama_8b_lora_breakdown_is_the_documented_one():
-    from chunkwise.tools.bench.runner import BENCH_MODELS
+    from chunkwise.models.presets import BENCH_MODELS
 
     shape = ModelShape.from_config(LlamaConfig(**BENCH_MODELS["llama-8b"]), name="llama-8b")
     training = Training.from_precision("bfloat16", device_type="cuda", lora_r=8)
