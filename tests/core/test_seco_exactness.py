@@ -24,7 +24,7 @@ import math
 
 import pytest
 import torch
-from reference import chunk_by_chunk_backward, full_backward, max_relative_error, trainable_grads
+from reference import chunk_by_chunk_backward, engine_backward, full_backward, max_relative_error, trainable_grads
 from tiny_models import SEQ_LEN, lora_model, random_ids
 from transformers import AutoModelForCausalLM
 
@@ -53,9 +53,7 @@ def f64_tol(preset: str) -> float:
 
 def seco_backward(model, chunk_size, input_ids, **kwargs):
     """Fresh gradients from one SeCO backward: returns (output, grads)."""
-    model.zero_grad(set_to_none=True)
-    out = SeCO(model, chunk_size=chunk_size).backward(input_ids, **kwargs)
-    return out, trainable_grads(model)
+    return engine_backward(model, SeCO(model, chunk_size=chunk_size), input_ids, **kwargs)
 
 
 def assert_matches(loss, grads, ref_loss, ref_grads, tol, what=""):
