@@ -68,7 +68,7 @@ def test_streamed_offload_changes_no_bit_on_cuda(monkeypatch, dtype):
 
 
 def test_bf16_cache_under_autocast_on_cuda():
-    input_ids = torch.randint(0, 128, (2, 192), generator=torch.Generator().manual_seed(0))
+    input_ids = random_ids(2, 192)
     _, truth = full_backward(build_tiny_model("tiny-llama", dtype=torch.float64), input_ids)
     model = build_tiny_model("tiny-llama", dtype=torch.float32).to(CUDA)
     input_ids = input_ids.to(CUDA)
