@@ -1,4 +1,5 @@
-"""Reference gradients the engines are compared against, and the error measure used by the tests.
+"""Reference gradients the engines are compared against, one engine step from zero gradients, and the error
+measures used by the tests.
 
 The references compute the loss themselves (`chunk_loss_sum` over the model's logits) rather than
 through transformers' built-in loss, because that one upcasts logits to float32 even for a float64
@@ -68,7 +69,7 @@ def chunk_by_chunk_backward(model, input_ids, *, chunk_size, labels=None, local_
             ).logits
         if local_chunk is None or index == local_chunk:
             total = total + chunk_loss_sum(logits, targets[:, start:end]) / normaliser
-    total = total * scale  # exact for the default 1.0
+    total = total * scale  # x * 1.0 == x in floating point: the default adds no rounding
     total.backward()
     return total.detach(), trainable_grads(model)
 
