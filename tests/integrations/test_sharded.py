@@ -34,6 +34,7 @@ from reference import max_relative_error
 from chunkwise import SeCO
 from chunkwise.core.sync import shard_fsdp2
 from chunkwise.integrations.trainer import ChunkwiseConfig, ChunkwiseTrainer
+from chunkwise.models.loading import add_lora
 from chunkwise.models.presets import build_tiny_model
 
 WORLD, SEQ = 2, 24
@@ -70,20 +71,15 @@ STEPS = [
 
 def build_model(mode: str, dtype: torch.dtype) -> torch.nn.Module:
     """tiny-llama, full or with LoRA on q/v (B perturbed from zero so that A's gradient is not zero)."""
-    model = build_tiny_model("tiny-llama", dtype=dtype, seed=0)
     if mode == "full":
-        return model
-    from peft import LoraConfig, get_peft_model
-
+        return build_tiny_model("tiny-llama", dtype=dtype, seed=0)
+    # The adapter is drawn in float32 and then cast, as build_tiny_model draws its weights: the same LoRA model
+    # in either dtype.
+    model = build_tiny_model("tiny-llama", dtype=torch.float32, seed=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # LoRA's A is drawn from the global generator
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator, dtype=torch.float32))
-    return model
+        model = add_lora(model, rank=4, alpha=8, random_b=0.05, seed=1)
+    return model.to(dtype)
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -23,13 +23,13 @@ import torch
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from reference import loss_and_gradients, max_relative_error, trainable_grads  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from chunkwise.data.synthetic import DEMO_TASK  # noqa: E402
 from chunkwise.integrations.trainer import ChunkwiseConfig  # noqa: E402
 from chunkwise.integrations.trl import ChunkwiseDPOTrainer, ChunkwiseGRPOTrainer, right_padded  # noqa: E402
+from chunkwise.models.loading import add_lora  # noqa: E402
 from chunkwise.models.presets import build_tiny_model  # noqa: E402
 
 TOL = 1e-10
@@ -43,15 +43,7 @@ def words(generator, count, prefix, size):
 
 def policy_model(lora: bool, seed: int = 0):
     model = build_tiny_model("demo-llama", dtype=torch.float64, seed=seed)
-    if not lora:
-        return model
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
+    return add_lora(model, rank=4, alpha=8, random_b=0.1, seed=seed + 7) if lora else model
 
 
 def perturb(model):

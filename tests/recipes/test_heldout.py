@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import model_dir, random_text  # noqa: F401  (model_dir is a fixture)
+from tokenizer_fixtures import model_dir, random_text  # noqa: F401  (model_dir is a fixture)
 
 from chunkwise.cli.main import main
 from chunkwise.models.presets import build_tiny_model

@@ -17,40 +17,14 @@ import pytest
 import torch
 from multirank import assert_launch_succeeded, run_launcher, torchrun
 from safetensors.torch import load_file
+from tokenizer_fixtures import model_dir, random_text  # noqa: F401  (model_dir is a fixture)
 
 from chunkwise.cli.main import main
 from chunkwise.data.synthetic import RecallTask
-from chunkwise.models.presets import build_tiny_model
 from chunkwise.recipes.checkpoint import latest_checkpoint
 from chunkwise.recipes.train.recipe import TrainConfig, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = [f"w{i}" for i in range(100)]
-
-
-def word_tokenizer():
-    """A word-level tokenizer over w0..w99 (ids below tiny-llama's vocabulary of 128) that adds <bos>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved with save_pretrained, with its tokenizer: what a user's local model folder looks like."""
-    folder = tmp_path_factory.mktemp("model")
-    build_tiny_model("tiny-llama", seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def random_text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 @pytest.fixture(scope="module")
