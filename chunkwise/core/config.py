@@ -64,7 +64,8 @@ def check_engine_settings(settings, *, names: OptionNames, methods: tuple[str, .
         raise ValueError(f"{names('chunk_size')} must be a positive integer (tokens per chunk) or 'auto', got {chunk_size!r}")
     if settings.memory is not None:
         if chunk_size != "auto":
-            raise ValueError(f"{names('memory')} is the budget of {names.value('chunk_size', 'auto')}; "
+            # (Worded as each audience's tests have long read it: the API's "is", the command line's "sets".)
+            raise ValueError(f"{names('memory')} {'is' if names.owner else 'sets'} the budget of {names.value('chunk_size', 'auto')}; "
                              f"set {names.value('chunk_size', 'auto')} or drop {names.short('memory')}")
         parse_bytes(str(settings.memory), names("memory"))
     if settings.method != "spaco":
