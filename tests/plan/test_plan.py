@@ -35,7 +35,7 @@ from chunkwise.plan import (
     plan_training_step,
 )
 from chunkwise.plan.layers import LayerCost
-from chunkwise.recipes.train.recipe import TrainConfig, train
+from chunkwise.recipes.train import TrainConfig, train
 from chunkwise.utils.memory import parse_bytes
 
 MiB = 1 << 20
@@ -238,7 +238,7 @@ def test_train_auto_chunk_size_is_decided_before_loading(tmp_path, monkeypatch, 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.setup.load_causal_lm", no_weights)
     monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match=r"--chunk-size auto: 512 tokens x 1 do not fit: seco with 64-token chunks needs"):
         train(TrainConfig(output=str(tmp_path / "small"), memory="1MiB", **config), log=lambda line: None)
@@ -340,7 +340,7 @@ def test_train_refuses_a_length_beyond_the_positions_from_the_config_alone(tmp_p
     def no_weights(*args, **kwargs):
         raise AssertionError("weights or tokenizer were loaded")
 
-    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.setup.load_causal_lm", no_weights)
     monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match="--seq-len 8192 is above the model's position limit max_position_embeddings=4096"):
         train(TrainConfig(model=str(tmp_path / "model"), seq_len=8192, output=str(tmp_path / "run"), progress=False))

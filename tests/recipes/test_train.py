@@ -22,7 +22,7 @@ from tokenizer_fixtures import model_dir, random_text  # noqa: F401  (model_dir 
 from chunkwise.cli.main import main
 from chunkwise.data.synthetic import RecallTask
 from chunkwise.recipes.checkpoint import latest_checkpoint
-from chunkwise.recipes.train.recipe import TrainConfig, TrainingError, train
+from chunkwise.recipes.train import TrainConfig, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,12 +229,12 @@ def test_bad_options_get_one_line(tmp_path, capsys, model_dir, arguments, expect
 
 
 def test_data_problems_get_one_line(tmp_path, capsys, model_dir, monkeypatch):
-    import chunkwise.recipes.train.recipe as recipe
+    import chunkwise.recipes.train.setup as setup
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(recipe, "load_causal_lm", no_model)  # data errors come first, before any weights load
+    monkeypatch.setattr(setup, "load_causal_lm", no_model)  # data errors come first, before any weights load
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "w1 w2 w3"}\n{"text": "w1 w2\n')
     code, error = run_cli(capsys, "train", "--model", str(model_dir), "--data", str(bad_json), "--output", str(tmp_path / "a"))
@@ -303,9 +303,9 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch, model_dir, text_file):
-    import chunkwise.recipes.train.recipe as recipe
+    import chunkwise.recipes.train.step as step
 
-    real = recipe.step_backward
+    real = step.step_backward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -313,7 +313,7 @@ def test_non_finite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch
         loss = real(*args, **kwargs)
         return float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss
 
-    monkeypatch.setattr(recipe, "step_backward", flaky)
+    monkeypatch.setattr(step, "step_backward", flaky)
     output = tmp_path / "nan"
     config = quick(output, model=str(model_dir), data=str(text_file), lora_r=0, steps=8, checkpoint_every=3, max_bad_steps=3)
     with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss .* stopped at step 6 without saving\. Last good checkpoint: .*step-000003"):
@@ -416,3 +416,18 @@ def test_float16_loss_scaling_is_undone(tmp_path, model_dir, text_file):
     assert f16["grad_norm"] == pytest.approx(f32["grad_norm"], rel=1e-3)
     scaler_state = torch.load(latest_checkpoint(tmp_path / "f16") / "scaler.pt", weights_only=True)
     assert scaler_state["scale"] > 1
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed is not installed: nothing could import it")
+def test_train_without_zero_never_imports_deepspeed(tmp_path):
+    """DeepSpeed is optional and slow to import, and its import prints "Setting accelerator to CPU": only --zero may import it."""
+    script = ("import sys; from chunkwise.cli.main import main; code = main(sys.argv[1:]); "
+              "print('deepspeed imported:', 'deepspeed' in sys.modules); sys.exit(code)")
+    arguments = ["train", "--steps", "1", "--seq-len", "32", "--chunk-size", "16", "--batch-size", "2", "--eval-every", "0",
+                 "--no-progress", "--output", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "deepspeed imported: False" in result.stdout
+    assert "DeepSpeed" not in output and "Setting accelerator" not in output
