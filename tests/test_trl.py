@@ -26,7 +26,7 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from reference import loss_and_gradients, max_relative_error, trainable_grads  # noqa: E402
+from reference import U32, float32_log_softmax_error, loss_and_gradients, max_relative_error, trainable_grads  # noqa: E402
 
 from chunkwise.data import DEMO_TASK  # noqa: E402
 from chunkwise.hf import ChunkwiseConfig  # noqa: E402
@@ -71,7 +71,6 @@ def tokenizer():
     return tok
 
 
-U32 = 2.0**-24  # float32 unit roundoff: every float32 operation rounds its exact result by at most this, relatively
 EXACT_OPS = {"view", "reshape", "unsqueeze", "squeeze", "chunk", "split", "__getitem__", "masked_fill", "masked_scatter",
              "gather", "cat", "stack", "clamp", "min", "max", "minimum", "maximum", "where", "detach", "contiguous",
              "new_zeros", "zeros_like", "expand", "t", "transpose", "permute", "flatten", "narrow", "select", "neg", "__neg__",
@@ -84,17 +83,12 @@ class TRLFloat32Errors(torch.overrides.TorchFunctionMode):
 
     Two sources, both not ours:
     * TRL's fused LM head (`trl/kernels/chunked_logprob.py`, run on CPU by `_forward_tile`): the float64 hidden
-      states are projected in float64, then each logit is rounded to float32 (u|z_v|), divided by the temperature
-      in float32 (1/T rounded, then the product: 2u|z_v/T|), and the log-softmax is an online log-sum-exp in
-      float32 over the V logits. Per token, with z the exact logits / T, m = max_v z_v, S = sum_v exp(z_v - m):
-        |delta log p_y| <= 3u|z_y|                      (the target logit)
-                         + 3u max_v|z_v|                 (log-sum-exp is 1-Lipschitz in the max norm of its input)
-                         + u max_v|z_v - m| + 2u          (z_v - m rounded, then exp to 1 ulp = 2u)
-                         + (V - 1)u                       (float32 sum of V positive terms, any order)
-                         + 2u + 2u|log S| + u|log Z| + u|log p_y|   (log to 1 ulp, + m, the final subtraction)
-      `delta_t` below; its effect on the loss is sum_t |dL/dlog p_t| delta_t, with dL/dlog p_t read from the
-      autograd graph of TRL's own loss (a reference model's log-probs, computed without a graph, enter DPO's loss
-      with the opposite sign of the policy's at the same position: the same |dL/dlog p_t|).
+      states are projected in float64, then each logit is rounded to float32, divided by the temperature in float32,
+      and the log-softmax is an online log-sum-exp in float32 over the V logits: per token, `delta_t` =
+      `reference.float32_log_softmax_error` (its docstring derives it). Its effect on the loss is at most
+      sum_t |dL/dlog p_t| delta_t, with dL/dlog p_t read from the autograd graph of TRL's own loss (a reference
+      model's log-probs, computed without a graph, enter DPO's loss with the opposite sign of the policy's at the
+      same position: the same |dL/dlog p_t|).
     * TRL's loss arithmetic on those float32 log-probs (ratios, clipping, KL, masked sums, means) runs in float32.
       Each elementwise result x is rounded by at most 2u|x| (exp/log/logsigmoid to 1 ulp; +,-,*,/ to u), a sum or
       mean over n terms by at most (n - 1)u sum|terms| (+ u|x|); each contributes |dL/dx| times that. This mode
@@ -151,13 +145,11 @@ class TRLFloat32Errors(torch.overrides.TorchFunctionMode):
             policy = [logps.grad for _, logps in self.heads if logps.grad is not None]
             for args, logps in self.heads:
                 hidden, weight, bias, targets, temperature = args[:5]
-                z = (hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())) / temperature
-                m, log_z = z.amax(-1), torch.logsumexp(z, -1)
-                target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                delta = U32 * (3 * target.abs() + 3 * z.abs().amax(-1) + (z - m.unsqueeze(-1)).abs().amax(-1) + 2
-                               + (z.shape[-1] - 1) + 2 + 2 * (log_z - m).abs() + log_z.abs() + (target - log_z).abs())
+                logits = hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())
+                delta = float32_log_softmax_error(logits, targets, temperature=temperature)
+                exact = torch.log_softmax(logits / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 grad = logps.grad if logps.grad is not None else next(g for g in policy if g.shape == logps.shape)
-                out.append((delta.view(grad.shape), logps.detach().double(), (target - log_z).view(grad.shape), grad.double()))
+                out.append((delta.view(grad.shape), logps.detach().double(), exact.view(grad.shape), grad.double()))
         return out
 
     def bound(self, *, row_length: int, reference_logps: torch.Tensor | None = None) -> float:
