@@ -115,6 +115,32 @@ def max_relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torc
     return worst
 
 
+# ----- float32 error bounds: tolerances for comparisons with float32 arithmetic that is not ours ------------------
+
+U32 = 2.0**-24  # float32 unit roundoff: a correctly rounded float32 operation is off by at most u |exact result|
+
+
+def float32_log_softmax_error(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """A first-order bound on |float32 log-softmax(logits / T)[target] - exact| per position, for exact (float64)
+    `logits` `[..., V]` that a library rounds to float32 before its log-softmax (transformers' loss, TRL's fused head).
+
+    With z = logits / T, m = max_v z_v, S = sum_v exp(z_v - m), log Z = m + log S:
+        3u|z_y|                 the target logit: rounded to float32, times 1/T (itself rounded), the product rounded
+      + 3u max_v |z_v|          the same for every logit; log-sum-exp is 1-Lipschitz in the max norm of its input
+      + u max_v |z_v - m| + 2u  z_v - m rounded, then exp, accurate to 1 ulp = 2u (vectorised and libm expf)
+      + (V - 1)u                the float32 sum S of V positive terms, in any order (any CPU's vector width)
+      + 2u + 2u|log S|          log S to 1 ulp
+      + u|log Z| + u|log p_y|   m + log S, then z_y - log Z
+    Each error is relative to the exact intermediate, so the bound is in units of the sizes computed, not of the
+    result. Second-order terms (u^2 x sizes) are left to the callers' factor 2.
+    """
+    z = logits.double() / temperature
+    m, log_z = z.amax(-1), torch.logsumexp(z, -1)
+    target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return U32 * (3 * target.abs() + 3 * z.abs().amax(-1) + (z - m.unsqueeze(-1)).abs().amax(-1) + 2 + (z.shape[-1] - 1)
+                  + 2 + 2 * (log_z - m).abs() + log_z.abs() + (target - log_z).abs())
+
+
 def loss_and_gradients(model, loss_fn):
     """Zero the gradients, backpropagate `loss_fn()` (a scalar built from `model`), return (detached loss, grads)."""
     model.zero_grad(set_to_none=True)

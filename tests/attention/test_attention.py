@@ -203,9 +203,16 @@ def test_setting_is_restored_when_the_step_raises(monkeypatch):
 def test_other_attention_implementations_are_left_alone(kernel_calls):
     model = build_tiny_model("tiny-llama", dtype=torch.float64)
     model.set_attn_implementation("eager")
-    # Eager attention takes its softmax in float32 even in a float64 model: float32 rounding (measured
-    # gradient error 1.9e-7).
-    assert seco_error(model, random_ids(2), chunk_size=5, loss_tol=1e-6) < 1e-5
+    # Eager attention takes its softmax in float32 even in a float64 model (transformers' eager_attention_forward:
+    # `softmax(..., dtype=torch.float32)`), so chunked and full passes differ by float32 rounding there. Derivation
+    # (u = 2^-24): a softmax row over S <= 29 keys is computed in another grouping (a chunk's keys vs all), its
+    # float32 sum of S terms differs by <= 2(S - 1)u = 3.3e-6 relative and each exp by 2u: ~3.5e-6 on each attention
+    # weight, so ~3.5e-6 x |attention output| per layer (2 layers) on the hidden states and ~7e-6 x |z| <= 4.2e-6 on
+    # the logits (|z| <= 0.6): the loss (l ~ 4.85) moves by <= 2 x 4.2e-6 / 4.85 = 1.7e-6 relative, x2 for second-order
+    # terms: loss_tol 4e-6 (was 1e-6, below this bound; measured < 1e-7). The gradients carry the same relative errors
+    # through softmax's backward (measured 1.9e-7 against 1e-5: room for a cancellation factor of ~3 over the worst
+    # case). A wrong gradient or loss is off by >= 1e-1.
+    assert seco_error(model, random_ids(2), chunk_size=5, loss_tol=4e-6) < 1e-5
     assert kernel_calls == {"kernel": 0, "sdpa": 0}
     assert model.config._attn_implementation == "eager"
 
@@ -262,7 +269,8 @@ def test_offload_gives_the_same_gradient(request, kernel, preset):
         request.getfixturevalue("blocked_kernel")
     model = build_tiny_model(preset, dtype=torch.float64)
     input_ids = random_ids(2)
-    tol = 1e-5 if preset == "tiny-gemma3" else 1e-10  # Gemma 3's float32 norms, as in test_seco_exactness
+    # Gemma 3's float32 norms: the derivation of test_seco_exactness.GEMMA_F64_TOL (offloading itself changes no bit).
+    tol = 1e-5 if preset == "tiny-gemma3" else 1e-10
     _, expected = full_backward(model, input_ids)
     results = []
     for offload in (False, True):

@@ -32,12 +32,25 @@ from chunkwise import SeCO
 from chunkwise.models.presets import TINY_PRESETS, build_tiny_model
 
 F64_TOL = 1e-10
-# Gemma 3 computes its RMSNorms (and rotary tables) in float32 even inside a float64 model, so chunked
-# and full passes differ by float32 rounding there. Measured chunk-vs-full: 1.3e-7..1.4e-7 (chunk 1
-# and 5, plain and padded batches); 1e-5 leaves a ~70x margin and still sits far below any real error.
+# Gemma 3 computes its RMSNorms (and rotary tables) in float32 even inside a float64 model (transformers'
+# Gemma3RMSNorm: `_norm(x.float()) * (1 + weight.float())`). Derivation (u = 2^-24): per token, chunked and full
+# passes hand the norm the same input up to float64 rounding (~1e-16), so its float32 output and input gradient are
+# the same bits except where a float64 difference crosses a float32 rounding boundary (probability ~1e-16/u per
+# element, 2u when it does). What differs systematically is each norm weight's gradient, a float32 sum over the
+# tokens of one call: n = 58 tokens at most (2 x 29) in the full pass, a chunk's in SeCO; two orders of a float32
+# sum of n terms differ by at most 2(n - 1)u sum_t |g_t| = 6.8e-6 x kappa of the tensor's largest entry, kappa =
+# sum_t |g_t| / |sum_t g_t| (the terms' signs vary over tokens). Measured chunk-vs-full: 1.3e-7..1.4e-7 (chunk 1
+# and 5, plain and padded batches), i.e. kappa_eff ~0.02 against the worst-case order. 1e-5 admits the worst case
+# for kappa <= 1.5 only; kappa is not measured here, and the measured errors sit 70x below. A real error (a lost
+# chunk, a wrong normaliser, a missing factor) is >= 1e-1.
 GEMMA_F64_TOL = 1e-5
-# float32 SeCO vs float32 full backprop. Measured worst over all presets, chunk sizes 1 and 5:
-# gradients 8.7e-7, loss 2.0e-7. Bound ~10x the worst.
+# float32 SeCO vs float32 full backprop (both PyTorch float32 arithmetic on the same weights). Derivation: the
+# loss is a float32 sum of n <= 58 token losses l_t ~ log V = 4.85 of a float32 log-softmax over V = 128
+# (`reference.float32_log_softmax_error`: <= 150u ~ 9e-6 each, i.e. 1.9e-6 relative) in another grouping (per chunk,
+# then across chunks): relative <= 2 (1.9e-6 + (n - 1)u) ~ 1e-5 in the worst case. Gradients: per-token seeds with
+# that relative error, and every weight gradient a float32 sum over the tokens in another order (2(n - 1)u kappa).
+# Measured worst over all presets, chunk sizes 1 and 5: gradients 8.7e-7, loss 2.0e-7, a tenth of these
+# worst-case bounds; 1e-5 sits at them. A real error is >= 1e-1.
 F32_TOL = 1e-5
 # bfloat16 (bf16 weights, no autocast), each gradient's error against the float64 gradient of the same
 # weights. Measured over seeds 0-9 for tiny-llama/qwen3/mistral/gemma3 (2 x 32 tokens, chunk 5):
