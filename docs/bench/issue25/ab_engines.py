@@ -12,7 +12,7 @@ def load(name, path):
 new = load("chunkwise", os.environ.get("NEW", "chunkwise"))  # this checkout's package
 old = load("chunkwise_old", os.environ.get("OLD", "/tmp/old5f/chunkwise"))  # git worktree add /tmp/old5f 5f414c4
 from transformers import AutoModelForCausalLM, LlamaConfig
-from chunkwise.loss import chunk_loss_sum, shift_labels
+from chunkwise.core.loss import chunk_loss_sum, shift_labels
 torch.set_num_threads(1)
 shape = dict(
     small=dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
