@@ -62,8 +62,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One option per field of dataclass `cls`; only the options given on the command line are set.
 
     A `bool` field that defaults to False becomes a flag (`--offload-kv`), one that defaults to True a
-    negated flag (`--no-progress`). Help text: the field's docstring; a field without one is an error, so
-    that `--help` describes every option.
+    negated flag (`--no-progress`). Help text: the field's docstring, with the default unless it names one; a
+    field without a docstring is an error, so that `--help` describes every option.
     """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -71,7 +71,10 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for field in dataclasses.fields(cls):
         if field.name not in docs:
             raise TypeError(f"{cls.__name__}.{field.name} has no docstring: it is the help of {option_name(field.name)}")
-        help_text = docs[field.name].replace("%", "%%")
+        help_text = docs[field.name]
+        if field.default not in (None, False, True) and "default" not in help_text.lower():
+            help_text += f" (default {field.default})"
+        help_text = help_text.replace("%", "%%")
         if hints[field.name] is bool:
             if field.default:
                 parser.add_argument(option_name("no_" + field.name), dest=field.name, action="store_false", default=argparse.SUPPRESS,
