@@ -198,6 +198,14 @@ def backward_chunk(
     return None if loss is None else loss.detach()
 
 
+@torch.no_grad()
+def score_chunk(handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, sync: GradientSync,
+                objective: BoundObjective) -> torch.Tensor:
+    """The loss of a chunk that stage 2 skips and stage 1 did not run with the head: a forward on its past."""
+    cache.prepare(num_past=chunk, record=False)
+    return objective.chunk_loss(chunk, sync.lm(reduce=False)(**_chunk_inputs(batch, chunk, handle, cache)).logits)
+
+
 # ----- the engines ------------------------------------------------------------------------------------
 
 
@@ -320,34 +328,16 @@ class SeCO:
         cache = ChunkCache(total_length=batch.targets.shape[1], offload=self.offload_kv)
         # Chunks stage 2 may skip still get their loss from stage 1 (with the LM head), unless the caller
         # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work. A policy
-        # deciding in stage 2 may skip any chunk: stage 1 then runs the head on every chunk with targets.
+        # deciding in stage 2 may skip any chunk: stage 1 then runs the head on every chunk with targets but
+        # the last (which stage 1 does not run at all; stage 2 scores it if it drops it).
         # An objective whose loss is not a sum over chunks knows it exactly after stage 1.
         # (Under ZeRO-3 also those without targets: all ranks must run the same chunks.)
         report = full_loss and objective.loss_is_chunk_sum
+        last = batch.num_chunks - 1
         skippable = {c for c in range(batch.num_chunks) if plan.may_skip(c) and (batch.chunk_has_targets[c] or self.sync.lockstep)} if report else set()
-        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=skippable, devices=devices, objective=objective, sync=self.sync)
-
-        # When this call ends a distributed step, its last backward reduces the gradients across ranks
-        # (once per step): the plan's final chunk always runs then, zero-weighted if the plan skips it.
-        reduces = self.sync.reduces()
-        state = StageTwoState(target_counts=_target_counts(batch), relay_norms=lambda: cache.relay_norms(batch.bounds), agree=self.sync.agree)
-        factors: dict[int, float] = {}
-        # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
-        with torch.random.fork_rng(devices=devices):
-            for chunk in reversed(range(batch.num_chunks)):
-                factor = plan.decide(chunk, state)
-                final = reduces and chunk == plan.final_chunk
-                if factor is None and not final:
-                    continue
-                if factor is not None:
-                    factors[chunk] = factor
-                if chunk < len(rng_states):
-                    _restore_rng(rng_states[chunk], devices)
-                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor or 0.0, sync=self.sync, reduce=final, objective=objective)
-                if loss is not None:
-                    losses[chunk] = loss
-                if final:
-                    break
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=skippable - {last} if plan.online else skippable,
+                                                 devices=devices, objective=objective, sync=self.sync)
+        factors = self._stage_two(batch, plan, cache, rng_states, losses, objective, score_last=plan.online and last in skippable)
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
@@ -361,6 +351,39 @@ class SeCO:
         compensation = plan.selection.compensation if isinstance(plan, FixedPlan) else max(factors.values(), default=1.0)
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selected, compensation, objective.metrics(),
                                tuple(factors[c] for c in selected))
+
+    def _stage_two(self, batch: ChunkedBatch, plan: StepPlan, cache: ChunkCache, rng_states: list, losses: dict,
+                   objective: BoundObjective, *, score_last: bool) -> dict[int, float]:
+        """Stage 2: from the last chunk to the first, ask the plan and backpropagate the chunks it keeps.
+
+        Fills `losses` with the visited chunks' losses (and the last chunk's, when `score_last` and the plan
+        drops it); returns each kept chunk's factor.
+        """
+        devices = _rng_devices(self.handle.lm)
+        # When this call ends a distributed step, its last backward reduces the gradients across ranks
+        # (once per step): the plan's final chunk always runs then, zero-weighted if the plan skips it.
+        reduces = self.sync.reduces()
+        state = StageTwoState(target_counts=_target_counts(batch), relay_norms=lambda: cache.relay_norms(batch.bounds), agree=self.sync.agree)
+        factors: dict[int, float] = {}
+        # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
+        with torch.random.fork_rng(devices=devices):
+            for chunk in reversed(range(batch.num_chunks)):
+                factor = plan.decide(chunk, state)
+                final = reduces and chunk == plan.final_chunk
+                if factor is None and score_last and chunk == batch.num_chunks - 1:
+                    losses[chunk] = score_chunk(self.handle, batch, cache, chunk, sync=self.sync, objective=objective)
+                if factor is None and not final:
+                    continue
+                if factor is not None:
+                    factors[chunk] = factor
+                if chunk < len(rng_states):
+                    _restore_rng(rng_states[chunk], devices)
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor or 0.0, sync=self.sync, reduce=final, objective=objective)
+                if loss is not None:
+                    losses[chunk] = loss
+                if final:
+                    break
+        return factors
 
 
 def _target_counts(batch: ChunkedBatch) -> tuple[int, ...]:
