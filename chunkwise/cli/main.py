@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--chunk-size", type=_chunk_size_option, help="tokens per chunk, or auto: the largest that fits the device's free memory less 10%% (default 1024; demo 512)")
     fit.add_argument("--memory", metavar="BYTES", help="with --chunk-size auto: plan for this much memory (e.g. 24GiB) instead of the device's free memory")
     fit.add_argument("--budget", type=int, help="SpaCO: chunks backpropagated per step")
-    fit.add_argument("--sampling", choices=["uniform", "bernoulli"], help="SpaCO chunk selection (default uniform)")
+    fit.add_argument("--sampling", choices=["uniform", "bernoulli", "adaptive"], help="SpaCO chunk selection (default uniform; adaptive: decided in stage 2, docs/spaco.md)")
     fit.add_argument("--max-compensation", type=float, help="SpaCO: cap on the compensation factor (the paper: 2.0)")
     fit.add_argument("--attention", choices=["chunkwise", "model"], help="seco/spaco attention: chunkwise (default; less memory per token with SDPA models) or the model's own")
     fit.add_argument("--offload-kv", action="store_true", help="seco/spaco: keep the KV cache and its gradient in host memory (device memory stops growing with length)")

@@ -119,7 +119,7 @@ class TrainConfig:
     budget: int | None = None
     """SpaCO: chunks backpropagated per step (required with method="spaco")."""
     sampling: str = "uniform"
-    """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks) or "bernoulli" (exactly unbiased)."""
+    """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks), "bernoulli" or "adaptive" (exactly unbiased)."""
     max_compensation: float | None = None
     """SpaCO: cap on the compensation factor (the paper uses 2.0); None: no cap."""
     attention: str = "chunkwise"
