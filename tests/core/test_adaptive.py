@@ -20,6 +20,7 @@ import torch
 from reference import max_relative_error, trainable_grads
 
 from chunkwise import SeCO, SpaCO
+from chunkwise.objectives import DPO, GRPO
 from chunkwise.core.sampling import SAMPLERS, AdaptivePlan, AdaptiveSampler
 from chunkwise.models.presets import build_tiny_model
 
@@ -50,22 +51,22 @@ class ForcedPlan(AdaptivePlan):
         return self.forced[len(decisions)] if len(decisions) < len(self.forced) else False
 
 
-def forced_engine(model, forced: list[bool], *, budget: int = BUDGET) -> SpaCO:
+def forced_engine(model, forced: list[bool], *, budget: int = BUDGET, chunk_size: int = CHUNK) -> SpaCO:
     plan_class = type("Forced", (ForcedPlan,), {"forced": forced})
     sampler = AdaptiveSampler(budget=budget, seed=0)
     sampler.plan_class = plan_class
-    return SpaCO(model, chunk_size=CHUNK, sampling=sampler)
+    return SpaCO(model, chunk_size=chunk_size, sampling=sampler)
 
 
-def expectation_over_paths(model, input_ids, labels, *, budget: int = BUDGET):
+def expectation_over_paths(model, input_ids, labels, *, budget: int = BUDGET, chunk_size: int = CHUNK, **options):
     """E[g_hat] and E[chunks backpropagated] over every decision path, and the number of paths."""
     expected_grads, expected_chunks, paths = None, 0.0, 0
     stack: list[list[bool]] = [[]]
     while stack:
         prefix = stack.pop()
-        engine = forced_engine(model, prefix, budget=budget)
+        engine = forced_engine(model, prefix, budget=budget, chunk_size=chunk_size)
         model.zero_grad(set_to_none=True)
-        out = engine.backward(input_ids, labels=labels)
+        out = engine.backward(input_ids, labels=labels, **{k: v() if callable(v) else v for k, v in options.items()})
         points = [(q, kept) for _, q, kept in engine.sampler.last_plan.trace if 0 < q < 1]
         decisions = [kept for _, kept in points]
         assert decisions[: len(prefix)] == prefix
@@ -107,6 +108,39 @@ def test_every_decision_path_weighted_is_seco(preset, where):
     assert max_relative_error(expected, exact) < 1e-10
     assert chunks <= BUDGET + 1e-12  # docs/spaco.md: sum of q over a path <= t on every path
     assert paths > 2  # the relay made it choose; a policy that never decides would prove nothing here
+
+
+def preference_rows():
+    """4 right-padded prompt + response rows of up to 24 tokens (rows 0-1 chosen, 2-3 rejected, shared prompts)."""
+    generator = torch.Generator().manual_seed(5)
+    prompts, responses = [7, 5, 7, 5], [15, 17, 12, 9]
+    ids = torch.zeros(4, 22, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        ids[row, : p + r] = torch.randint(1, 128, (p + r,), generator=generator)
+        mask[row, : p + r] = 1
+        labels[row, p : p + r] = ids[row, p : p + r]
+    ids[2, :7], ids[3, :5] = ids[0, :7], ids[1, :5]
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("name", ["grpo", "dpo"])
+def test_objectives_token_and_sequence_level_are_unbiased(name):
+    """GRPO (token-local) and DPO (sequence-level: stage 1 collects its statistics) under `adaptive`: every
+    decision path weighted is SeCO's gradient."""
+    model = float64_model("tiny-llama")
+    ids, mask, labels = preference_rows()
+    advantages = torch.tensor([0.9, -1.1, 0.3, 0.5], dtype=torch.float64)
+    old = torch.full(ids.shape, -4.0, dtype=torch.float64)
+    make = {"grpo": lambda: GRPO(advantages=advantages, old_logps=old, normalization="token"),
+            "dpo": lambda: DPO(beta=0.1, reference=torch.tensor([-80.0, -85.0, -60.0, -50.0], dtype=torch.float64))}[name]
+    model.zero_grad(set_to_none=True)
+    SeCO(model, chunk_size=6).backward(ids, labels=labels, attention_mask=mask, objective=make())
+    exact = trainable_grads(model)
+    expected, chunks, paths = expectation_over_paths(model, ids, labels, chunk_size=6, attention_mask=mask, objective=make)
+    # Measured: ~1e-15 (float64 rounding).
+    assert max_relative_error(expected, exact) < 1e-10
+    assert chunks <= BUDGET + 1e-12 and paths > 2
 
 
 def test_targets_in_the_last_chunk_are_never_dropped():
