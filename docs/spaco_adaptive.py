@@ -2,6 +2,9 @@
 
     .venv/bin/python docs/spaco_adaptive.py --output docs/spaco/adaptive/diagnosis.json
     .venv/bin/python docs/spaco_adaptive.py --output docs/spaco/adaptive/step_times.json --step-times 20
+    .venv/bin/python docs/spaco_adaptive.py --output docs/spaco/adaptive/stratification.json --stratification 100
+    .venv/bin/python docs/spaco_adaptive.py --output docs/spaco/adaptive/results.json \
+        --collect runs/spaco-quality/runs --ratio 0.718     # score the runs (commands in the file)
 
 For one batch of 8 x 1,024 tokens (k = 8 chunks of 128, t = 2, float64, the demo's model at its initial
 weights) of two tasks:
@@ -10,7 +13,8 @@ weights) of two tasks:
 * `random-depth`: the same sequences with the pair block moved to a uniformly random depth in the filler
   (the target still in chunk 7, the fact in any chunk);
 
-every selection (`uniform`, `bernoulli`) or every decision path (`adaptive`, walked depth-first as in
+every selection (`uniform`, `bernoulli`; on recall docs/spaco/diagnosis.json has them, same batch and
+model) or every decision path (`adaptive`, walked depth-first as in
 tests/core/test_adaptive.py: q depends on the relay, hence on earlier decisions) is run and weighted by its
 probability: P(estimate = 0), relative bias ‖E ĝ − g‖/‖g‖, relative RMS error √E‖ĝ − g‖²/‖g‖, and the
 expected number of chunks backpropagated. `adaptive-relay-blind` is `adaptive` with every relay norm read
@@ -87,7 +91,7 @@ def statistics(outcomes, exact: torch.Tensor) -> dict:
             "outcomes": len(outcomes)}
 
 
-def diagnose(model, batch: dict) -> dict:
+def diagnose(model, batch: dict, policies: set[str]) -> dict:
     k = SEQ_LEN // CHUNK
 
     def gradient(engine) -> tuple[torch.Tensor, int]:
@@ -115,10 +119,14 @@ def diagnose(model, batch: dict) -> dict:
     pairs = list(itertools.combinations(range(k), BUDGET))
     q = BUDGET / k
     result = {}
-    result["uniform"] = statistics([(1 / len(pairs), *fixed(s)) for s in pairs], exact)
-    result["bernoulli"] = statistics([(q ** n * (1 - q) ** (k - n), *fixed(s)) for n in range(k + 1)
-                                      for s in itertools.combinations(range(k), n)], exact)
+    if "uniform" in policies:
+        result["uniform"] = statistics([(1 / len(pairs), *fixed(s)) for s in pairs], exact)
+    if "bernoulli" in policies:
+        result["bernoulli"] = statistics([(q ** n * (1 - q) ** (k - n), *fixed(s)) for n in range(k + 1)
+                                          for s in itertools.combinations(range(k), n)], exact)
     for name, blind in (("adaptive", False), ("adaptive-relay-blind", True)):
+        if name not in policies:
+            continue
         started = time.perf_counter()
         result[name] = statistics(adaptive_paths(blind), exact)
         print(name, f"{time.perf_counter() - started:.0f} s", flush=True)
@@ -170,19 +178,82 @@ def step_times(rounds: int, warmup: int = 2) -> dict:
     return results
 
 
+def collect(work: Path, output: Path, step_ratio: float) -> dict:
+    """The `adaptive` recall runs in `work` (equal steps: 400; equal time: 400 / `step_ratio` steps), read as
+    docs/spaco_quality.py reads its runs, each final model scored on its 256 held-out sequences."""
+    from spaco_quality import METHODS, DEMO_OPTIONS, EVAL_EVERY, final_accuracy, read_run
+
+    runs = []
+    for budget, steps in (("steps", 400), ("time", round(400 / step_ratio))):
+        for seed in (0, 1, 2):
+            run = work / f"recall-adaptive-{budget}-seed{seed}"
+            if not (run / "metrics.jsonl").exists():
+                continue
+            command = ["chunkwise", "train", *METHODS["adaptive"], *DEMO_OPTIONS, "--steps", str(steps), "--seed", str(seed),
+                       "--eval-every", str(EVAL_EVERY), "--checkpoint-every", "0", "--no-progress", "--output", str(run)]
+            record = {"name": run.name, "task": "recall", "budget": budget, "method": "adaptive", "seed": seed,
+                      "steps": steps, "command": " ".join(command), **read_run(run), "final": final_accuracy(run)}
+            print(run.name, record["final"], "zero-gradient steps", record["zero_gradient_steps"], flush=True)
+            runs.append(record)
+    results = {"step_time_ratio": {"adaptive": step_ratio}, "runs": runs}
+    output.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def stratification(windows: int, steps: int) -> dict:
+    """Relative RMS error of the mean of `steps` consecutive gradient estimates (the same batch each step),
+    over `windows` seeds, stratified draws against fresh ones: tests/core/test_adaptive.py's float64 tiny Llama
+    (k = 5 chunks of 4 tokens, t = 2), targets on the last token only and on every token."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "core"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from test_adaptive import CHUNK as TINY_CHUNK, batch as tiny_batch, float64_model, seco_grads
+
+    model = float64_model("tiny-llama")
+    results = {}
+    for where in ("last", "everywhere"):
+        input_ids, labels = tiny_batch(where)
+        exact = torch.cat([g.flatten() for g in seco_grads(model, input_ids, labels).values()])
+        for stratify in (True, False):
+            errors = []
+            for seed in range(windows):
+                engine = SpaCO(model, chunk_size=TINY_CHUNK, sampling=AdaptiveSampler(budget=BUDGET, seed=seed, stratify=stratify))
+                total = torch.zeros_like(exact)
+                for _ in range(steps):
+                    model.zero_grad(set_to_none=True)
+                    engine.backward(input_ids, labels=labels)
+                    total += torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+                errors.append(float((total / steps - exact).norm() ** 2))
+            key = f"{where}, {'stratified' if stratify else 'fresh draws'}"
+            results[key] = math.sqrt(sum(errors) / windows) / float(exact.norm())
+            print(key, f"relative RMS error of a {steps}-step mean: {results[key]:.4f}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="docs/spaco/adaptive/diagnosis.json")
     parser.add_argument("--step-times", type=int, metavar="ROUNDS", help="instead: interleaved step times, ROUNDS rounds")
+    parser.add_argument("--policies", default="uniform,bernoulli,adaptive,adaptive-relay-blind",
+                        help="which to enumerate (on recall, uniform and bernoulli are docs/spaco/diagnosis.json's)")
+    parser.add_argument("--collect", metavar="WORK", help="instead: score the adaptive recall runs in WORK")
+    parser.add_argument("--ratio", type=float, help="with --collect: adaptive's step time / SeCO's (the equal-time steps)")
+    parser.add_argument("--stratification", type=int, metavar="WINDOWS", help="instead: stratified vs fresh draws")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.stratification:
+        Path(args.output).write_text(json.dumps(stratification(args.stratification, steps=4), indent=1))
+        return
+    if args.collect:
+        collect(Path(args.collect), Path(args.output), args.ratio)
+        return
     if args.step_times:
         Path(args.output).write_text(json.dumps(step_times(args.step_times), indent=1))
         return
     model = build_tiny_model("demo-llama").double()
     results = {}
     for task, batch in (("recall", recall_batch()), ("random-depth", random_depth_batch())):
-        results[task] = diagnose(model, batch)
+        policies = set(args.policies.split(",")) - (set() if task == "random-depth" else {"uniform", "bernoulli"})
+        results[task] = diagnose(model, batch, policies)
         print(task, json.dumps(results[task], indent=1), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
