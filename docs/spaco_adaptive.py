@@ -200,7 +200,7 @@ def collect(work: Path, output: Path, step_ratio: float) -> dict:
     return results
 
 
-def stratification(windows: int, steps: int) -> dict:
+def stratification(windows: int, steps: int, tasks=("last", "everywhere")) -> dict:
     """Relative RMS error of the mean of `steps` consecutive gradient estimates (the same batch each step),
     over `windows` seeds, stratified draws against fresh ones: tests/core/test_adaptive.py's float64 tiny Llama
     (k = 5 chunks of 4 tokens, t = 2), targets on the last token only and on every token."""
@@ -210,7 +210,7 @@ def stratification(windows: int, steps: int) -> dict:
 
     model = float64_model("tiny-llama")
     results = {}
-    for where in ("last", "everywhere"):
+    for where in tasks:
         input_ids, labels = tiny_batch(where)
         exact = torch.cat([g.flatten() for g in seco_grads(model, input_ids, labels).values()])
         for stratify in (True, False):
@@ -221,7 +221,8 @@ def stratification(windows: int, steps: int) -> dict:
                 for _ in range(steps):
                     model.zero_grad(set_to_none=True)
                     engine.backward(input_ids, labels=labels)
-                    total += torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+                    total += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                        for p in model.parameters() if p.requires_grad])
                 errors.append(float((total / steps - exact).norm() ** 2))
             key = f"{where}, {'stratified' if stratify else 'fresh draws'}"
             results[key] = math.sqrt(sum(errors) / windows) / float(exact.norm())
@@ -238,10 +239,12 @@ def main() -> None:
     parser.add_argument("--collect", metavar="WORK", help="instead: score the adaptive recall runs in WORK")
     parser.add_argument("--ratio", type=float, help="with --collect: adaptive's step time / SeCO's (the equal-time steps)")
     parser.add_argument("--stratification", type=int, metavar="WINDOWS", help="instead: stratified vs fresh draws")
+    parser.add_argument("--stratification-tasks", default="last,everywhere")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.stratification:
-        Path(args.output).write_text(json.dumps(stratification(args.stratification, steps=4), indent=1))
+        tasks = args.stratification_tasks.split(",")
+        Path(args.output).write_text(json.dumps(stratification(args.stratification, steps=4, tasks=tasks), indent=1))
         return
     if args.collect:
         collect(Path(args.collect), Path(args.output), args.ratio)
