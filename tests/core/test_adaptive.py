@@ -250,3 +250,12 @@ def test_bad_options_say_what_to_do(options, message):
 
 def test_registered_for_the_config_and_the_cli():
     assert "adaptive" in SAMPLERS
+
+
+def test_chunkwise_config_builds_it_and_refuses_a_cap():
+    from chunkwise import ChunkwiseConfig
+
+    engine = ChunkwiseConfig(method="spaco", chunk_size=CHUNK, budget=BUDGET, sampling="adaptive").make_engine(float64_model("tiny-llama"))
+    assert isinstance(engine.sampler, AdaptiveSampler) and engine.sampler.budget == BUDGET
+    with pytest.raises(ValueError, match="leave max_compensation unset"):
+        ChunkwiseConfig(method="spaco", chunk_size=CHUNK, budget=BUDGET, sampling="adaptive", max_compensation=2.0)
