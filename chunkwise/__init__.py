@@ -4,7 +4,7 @@ from chunkwise.core.cache import ChunkCache
 from chunkwise.core.config import ChunkwiseConfig
 from chunkwise.core.engine import ChunkwiseOutput, SeCO, SpaCO
 from chunkwise.core.objectives import DPO, GRPO, IPO, CrossEntropy, Objective, SequenceLoss, SimPO, TokenLoss
-from chunkwise.core.sampling import BernoulliSampler, ChunkSampler, ChunkSelection, UniformSampler
+from chunkwise.core.sampling import AdaptiveSampler, BernoulliSampler, ChunkSampler, ChunkSelection, UniformSampler
 
 __all__ = [
     "SeCO",
@@ -16,6 +16,7 @@ __all__ = [
     "ChunkSelection",
     "UniformSampler",
     "BernoulliSampler",
+    "AdaptiveSampler",
     "Objective",
     "CrossEntropy",
     "TokenLoss",

@@ -17,6 +17,8 @@ process with one thread; `--workers` of them at a time. Methods (chunk 128 of 10
     uniform       SpaCO, the paper's policy, t = 2     (--method spaco --budget 2)                    factor 4
     uniform-cap2  the same, factor capped at 2.0       (... --max-compensation 2.0), as the paper trains
     bernoulli     SpaCO, unbiased, t = 2 on average    (--method spaco --budget 2 --sampling bernoulli)
+    adaptive      SpaCO, decided in stage 2, unbiased,  (--method spaco --budget 2 --sampling adaptive)
+                  at most t = 2 on average
 
 Tasks:
 
@@ -68,6 +70,7 @@ METHODS = {
     "uniform": ["--method", "spaco", "--budget", str(BUDGET)],
     "uniform-cap2": ["--method", "spaco", "--budget", str(BUDGET), "--max-compensation", str(CAP)],
     "bernoulli": ["--method", "spaco", "--budget", str(BUDGET), "--sampling", "bernoulli"],
+    "adaptive": ["--method", "spaco", "--budget", str(BUDGET), "--sampling", "adaptive"],
 }
 EVAL_EVERY = 25
 FINAL_SEQUENCES, FINAL_SEED = 256, 12345  # the final held-out set: a stream no training run reads
@@ -77,9 +80,11 @@ TIMING_ROUNDS, TIMING_WARMUP = int(os.environ.get("SPACO_TIMING_ROUNDS", 40)), 3
 # ----- step-time ratios, interleaved ------------------------------------------------------------------
 
 
-def measure_step_times() -> dict[str, float]:
-    """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin."""
+def measure_step_times(methods=tuple(METHODS)) -> dict[str, float]:
+    """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin;
+    under "adaptive-decisions", the seconds per step `adaptive` spends deciding (inside its steps)."""
     from chunkwise import SeCO, SpaCO
+    from chunkwise.core.sampling import AdaptivePlan
     from chunkwise.data.synthetic import DEMO_TASK
     from chunkwise.models.presets import build_tiny_model
     from chunkwise.recipes.train.step import full_backward
@@ -93,8 +98,21 @@ def measure_step_times() -> dict[str, float]:
         "uniform": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, seed=0),
         "uniform-cap2": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, max_compensation=CAP, seed=0),
         "bernoulli": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="bernoulli", seed=0),
+        "adaptive": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="adaptive", seed=0),
     }
-    times = {name: [] for name in METHODS}
+    engines = {name: engine for name, engine in engines.items() if name in methods}
+    times = {name: [] for name in engines}
+    deciding = [0.0]  # seconds inside AdaptivePlan.decide (its relay norms included)
+    decide = AdaptivePlan.decide
+
+    def timed_decide(plan, chunk, state):
+        started = time.perf_counter()
+        try:
+            return decide(plan, chunk, state)
+        finally:
+            deciding[0] += time.perf_counter() - started
+
+    AdaptivePlan.decide = timed_decide
     for round_ in range(TIMING_WARMUP + TIMING_ROUNDS):
         for name, engine in engines.items():
             started = time.perf_counter()
@@ -108,7 +126,13 @@ def measure_step_times() -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             if round_ >= TIMING_WARMUP:
                 times[name].append(time.perf_counter() - started)
-    return {name: statistics.fmean(values) for name, values in times.items()}
+        if round_ == TIMING_WARMUP - 1:
+            deciding[0] = 0.0
+    AdaptivePlan.decide = decide
+    means = {name: statistics.fmean(values) for name, values in times.items()}
+    if "adaptive" in engines:
+        means["adaptive-decisions"] = deciding[0] / TIMING_ROUNDS
+    return means
 
 
 # ----- the runs ---------------------------------------------------------------------------------------
@@ -268,7 +292,7 @@ def plot(results: dict, path: Path) -> None:
     for row, (task, budget) in enumerate(panels):
         for column, metric in enumerate(("accuracy", "loss")):
             axis = axes[row][column]
-            for colour, method in zip(("black", "tab:blue", "tab:orange", "tab:red", "tab:green"), METHODS):
+            for colour, method in zip(("black", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple"), METHODS):
                 runs = runs_for(results, task, budget, method)
                 if not runs:
                     continue
@@ -313,7 +337,7 @@ def summary_markdown(results: dict) -> str:
                 lines.append(f"| {method} | {runs[0]['steps']} | {per_seed} | {statistics.fmean(accuracies):.1%} | {losses} | {zeros} |")
     lines += ["\n**Step time** (interleaved measurement; and each run's own mean step time, median over its seeds)\n",
               "| method | interleaved s/step | ratio to SeCO | runs' own s/step (equal-step runs) |", "|---|---:|---:|---:|"]
-    for method in METHODS:
+    for method in [m for m in METHODS if m in results["step_seconds"]]:
         own = [r["mean_step_seconds"] for r in results["runs"] if r["method"] == method and r["budget"] == "steps"]
         lines.append(f"| {method} | {results['step_seconds'][method]:.3f} | {results['step_time_ratio'][method]:.3f} | "
                      f"{statistics.median(own):.3f} |" if own else f"| {method} | {results['step_seconds'][method]:.3f} | "
@@ -321,7 +345,7 @@ def summary_markdown(results: dict) -> str:
     for model, diagnosis in results.get("diagnosis", {}).items():
         lines += [f"\n**Gradient estimate at the {model}** (relay share {diagnosis['relay_share']:.2f})\n",
                   "| policy | P(estimate = 0) | relative bias | relative RMS error | cosine(E ĝ, g) |", "|---|---:|---:|---:|---:|"]
-        for policy in ("uniform", "uniform-cap2", "bernoulli"):
+        for policy in [p for p in diagnosis if p != "relay_share"]:
             d = diagnosis[policy]
             lines.append(f"| {policy} | {d['zero_probability']:.3f} | {d['relative_bias']:.3f} | {d['relative_rms_error']:.2f} | "
                          f"{d['cosine_mean_exact']:.4f} |")
@@ -341,8 +365,10 @@ def main() -> None:
     parser.add_argument("--dense-time", action="store_true", help="also run the dense task at equal wall time")
     parser.add_argument("--steps-only", action="store_true", help="equal steps only (no equal-time runs)")
     parser.add_argument("--diagnosis-only", action="store_true", help="only the gradient diagnosis (needs SeCO's first-seed run)")
+    parser.add_argument("--no-diagnosis", action="store_true", help="skip the gradient diagnosis")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
+    parser.add_argument("--timing-methods", default=",".join(METHODS), help="the methods whose steps are timed (interleaved)")
     parser.add_argument("--step-times", help="take the interleaved step times from this results.json instead of measuring them")
     parser.add_argument("--lr", default=None, help="another peak learning rate than the demo's 1e-2 (run names get -lr<value>)")
     args = parser.parse_args()
@@ -362,9 +388,9 @@ def main() -> None:
         results.update(step_seconds=measured["step_seconds"], timing=f"{measured['timing']} (from {args.step_times})")
     if "step_seconds" not in results:
         print("measuring step times (interleaved)...", flush=True)
-        results["step_seconds"] = measure_step_times()
+        results["step_seconds"] = measure_step_times(args.timing_methods.split(","))
         results["timing"] = f"mean of {TIMING_ROUNDS} interleaved rounds after {TIMING_WARMUP} warm-up rounds, one thread"
-    results["step_time_ratio"] = {m: t / results["step_seconds"]["seco"] for m, t in results["step_seconds"].items()}
+    results["step_time_ratio"] = {m: t / results["step_seconds"]["seco"] for m, t in results["step_seconds"].items() if m in METHODS}
     print("step time / SeCO's:", {m: round(r, 3) for m, r in results["step_time_ratio"].items()}, flush=True)
 
     plan = []
@@ -404,7 +430,7 @@ def main() -> None:
     for record in results["runs"]:
         record["final"] = final_accuracy(work / "runs" / record["name"])
 
-    if "recall" in tasks and not results.get("diagnosis"):
+    if "recall" in tasks and not results.get("diagnosis") and not args.no_diagnosis:
         results["diagnosis"] = diagnose(output / "diagnosis.json", work, seeds[0])
     results_path.write_text(json.dumps(results, indent=1))
     plot(results, output / "curves.png")

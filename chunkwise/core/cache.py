@@ -198,6 +198,16 @@ class ChunkLayer(CacheLayerMixin):
             relayed.append(part)
         return relayed
 
+    def relay_sq_per_token(self) -> torch.Tensor:
+        """`[T]` float64: the squared norm of the KV gradient relayed so far into each token (0 where none)."""
+        if self.streamer is not None:
+            self.streamer.order_after_copies()
+        out = torch.zeros(self.total_length, dtype=torch.float64)
+        for g, summed in zip(self.gradients, self.summed):
+            if g is not None and summed:
+                out[:summed] += torch.linalg.vector_norm(g[:, :, :summed], dim=(0, 1, 3)).double().cpu().square()
+        return out
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.past_length + query_length, 0
 
@@ -284,6 +294,14 @@ class ChunkCache(Cache):
         """The KV gradient later chunks sent to `chunk`, in the order of `stored` (None where none arrived)."""
         start, end = self._bounds(chunk)
         return [g for layer in self.layers for g in layer.relay(start, end)]
+
+    def relay_norms(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """`[k]` float64 (CPU): the L2 norm of the KV gradient relayed so far into each chunk `[start, end)` of
+        `bounds`, over every layer's keys and values (what a policy deciding in stage 2 reads)."""
+        per_token = torch.zeros(self.total_length, dtype=torch.float64)
+        for layer in self.layers:
+            per_token += layer.relay_sq_per_token()
+        return torch.stack([per_token[start:end].sum() for start, end in bounds]).sqrt()
 
     def fresh_kv(self) -> list[torch.Tensor]:
         """The graph-connected KV of the chunk just rebuilt, in the same order as `stored`."""

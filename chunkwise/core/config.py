@@ -94,7 +94,8 @@ class ChunkwiseConfig:
     budget: int | None = None
     """SpaCO only, required there: chunks backpropagated per step (on average, for "bernoulli")."""
     sampling: str = "uniform"
-    """SpaCO selection policy: "uniform" (the paper's, exactly `budget` chunks) or "bernoulli" (unbiased)."""
+    """SpaCO selection policy: "uniform" (the paper's, exactly `budget` chunks), "bernoulli" (unbiased) or
+    "adaptive" (decided in stage 2 from targets and relay: unbiased, keeps the chunks holding the targets)."""
     max_compensation: float | None = None
     """SpaCO only: cap on the compensation factor (the paper uses 2.0); None for no cap."""
     seed: int | None = None

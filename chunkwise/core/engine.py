@@ -10,8 +10,10 @@ gradient later chunks sent to its stored KV (`cache.relay(j)`) — one `torch.au
 Parameter gradients accumulate in `.grad`; gradients for earlier chunks' KV accumulate in the cache's
 gradient buffers.
 
-SeCO visits every chunk (exact gradient). SpaCO visits a sampled subset and scales each visited
-chunk's loss and relay by a compensation factor (see `chunkwise.core.sampling`).
+SeCO visits every chunk (exact gradient). SpaCO asks its policy, at each chunk of stage 2, whether to visit
+it and by what factor to scale its loss and relay (a `StepPlan`, see `chunkwise.core.sampling`): `uniform`
+and `bernoulli` drew their answer before stage 1, `adaptive` decides there, from the chunk's targets and
+the relay it received.
 
 What a chunk backpropagates is the objective's business (`chunkwise.core.objectives`): next-token cross-entropy by
 default; a sequence-level objective (DPO, ...) also has stage 1 run the LM head on every chunk to
@@ -29,7 +31,7 @@ from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
 from chunkwise.core.cache import ChunkCache
 from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
 from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
-from chunkwise.core.sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
+from chunkwise.core.sampling import ChunkSampler, FixedPlan, StageTwoState, StepPlan, make_sampler, select_all
 from chunkwise.core.sync import GradientSync, gradient_sync
 
 
@@ -44,8 +46,10 @@ class ChunkwiseOutput:
         num_targets: valid (non -100) target tokens in the batch.
         num_chunks: chunks the sequence was cut into.
         selected: indices of the chunks whose gradient was backpropagated (all of them for SeCO).
-        compensation: factor applied to the selected chunks' losses and KV-gradient relays.
+        compensation: factor applied to the selected chunks' losses and KV-gradient relays (with per-chunk
+            factors, `adaptive`: the largest; 1.0 if none was selected).
         metrics: the objective's statistics for logs (e.g. DPO's reward margin); empty for cross-entropy.
+        factors: each selected chunk's factor, in the order of `selected`.
     """
 
     loss: torch.Tensor
@@ -54,6 +58,7 @@ class ChunkwiseOutput:
     selected: tuple[int, ...]
     compensation: float
     metrics: dict = field(default_factory=dict)
+    factors: tuple[float, ...] = ()
 
 
 # ----- random state: stage 2 must redraw the dropout masks stage 1 drew -----------------------------
@@ -193,6 +198,14 @@ def backward_chunk(
     return None if loss is None else loss.detach()
 
 
+@torch.no_grad()
+def score_chunk(handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, sync: GradientSync,
+                objective: BoundObjective) -> torch.Tensor:
+    """The loss of a chunk that stage 2 skips and stage 1 did not run with the head: a forward on its past."""
+    cache.prepare(num_past=chunk, record=False)
+    return objective.chunk_loss(chunk, sync.lm(reduce=False)(**_chunk_inputs(batch, chunk, handle, cache)).logits)
+
+
 # ----- the engines ------------------------------------------------------------------------------------
 
 
@@ -263,7 +276,7 @@ class SeCO:
         """
         batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
         bound = self._bind(objective, batch, num_items)
-        return self._run(batch, select_all(batch.num_chunks), bound, inputs_embeds)
+        return self._run(batch, FixedPlan(select_all(batch.num_chunks)), bound, inputs_embeds)
 
     def _bind(self, objective: Objective | None, batch: ChunkedBatch, num_items) -> BoundObjective:
         objective = CrossEntropy() if objective is None else objective
@@ -296,46 +309,35 @@ class SeCO:
             device=device,
         )
 
-    def _run(self, batch: ChunkedBatch, selection: ChunkSelection, objective: BoundObjective, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
+    def _run(self, batch: ChunkedBatch, plan: StepPlan, objective: BoundObjective, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
         self.sync.check_lockstep(batch.num_chunks)
         if batch.num_targets == 0 and not self.sync.reduces() and not self.sync.lockstep:
             # Nothing to predict: loss 0 and gradients untouched (not NaN from 0/0). When this call ends
             # a distributed step it still runs, adding zero, so that this rank joins the reduction (and under
             # ZeRO-3 always: the other ranks' chunks gather parameters with this one).
             zero = torch.zeros((), device=batch.targets.device)
-            return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
+            compensation = plan.selection.compensation if isinstance(plan, FixedPlan) else 1.0
+            return ChunkwiseOutput(zero, 0, batch.num_chunks, (), compensation)
         with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
-            return self._stages(batch, selection, objective, inputs_embeds, full_loss=full_loss)
+            return self._stages(batch, plan, objective, inputs_embeds, full_loss=full_loss)
 
-    def _stages(self, batch: ChunkedBatch, selection: ChunkSelection, objective: BoundObjective, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
+    def _stages(self, batch: ChunkedBatch, plan: StepPlan, objective: BoundObjective, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
         device = batch.targets.device
 
         devices = _rng_devices(self.handle.lm)
         cache = ChunkCache(total_length=batch.targets.shape[1], offload=self.offload_kv)
-        selected = set(selection.chunks)
-        # Chunks stage 2 skips still get their loss from stage 1 (with the LM head), unless the caller
-        # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work. An
-        # objective whose loss is not a sum over chunks knows it exactly after stage 1.
+        # Chunks stage 2 may skip still get their loss from stage 1 (with the LM head), unless the caller
+        # settles for SpaCO's estimate of the loss (full_loss=False), which needs no extra work. A policy
+        # deciding in stage 2 may skip any chunk: stage 1 then runs the head on every chunk with targets but
+        # the last (which stage 1 does not run at all; stage 2 scores it if it drops it).
+        # An objective whose loss is not a sum over chunks knows it exactly after stage 1.
         # (Under ZeRO-3 also those without targets: all ranks must run the same chunks.)
         report = full_loss and objective.loss_is_chunk_sum
-        unselected = {c for c in range(batch.num_chunks) if c not in selected and (batch.chunk_has_targets[c] or self.sync.lockstep)} if report else set()
-        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=unselected, devices=devices, objective=objective, sync=self.sync)
-
-        # When this call ends a distributed step, its last backward reduces the gradients across ranks
-        # (once per step). If SpaCO selected nothing, this rank still joins, with a zero-weighted chunk 0.
-        reduces = self.sync.reduces()
-        visits = [(chunk, selection.compensation) for chunk in reversed(selection.chunks)]
-        if reduces and not visits:
-            visits = [(0, 0.0)]
-        # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
-        with torch.random.fork_rng(devices=devices):
-            for step, (chunk, factor) in enumerate(visits):
-                if chunk < len(rng_states):
-                    _restore_rng(rng_states[chunk], devices)
-                reduce = reduces and step == len(visits) - 1
-                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=self.sync, reduce=reduce, objective=objective)
-                if loss is not None:
-                    losses[chunk] = loss
+        last = batch.num_chunks - 1
+        skippable = {c for c in range(batch.num_chunks) if plan.may_skip(c) and (batch.chunk_has_targets[c] or self.sync.lockstep)} if report else set()
+        rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=skippable - {last} if plan.online else skippable,
+                                                 devices=devices, objective=objective, sync=self.sync)
+        factors = self._stage_two(batch, plan, cache, rng_states, losses, objective, score_last=plan.online and last in skippable)
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
@@ -344,9 +346,60 @@ class SeCO:
         elif full_loss:
             total = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=device)
         else:  # the compensated sum over the selected chunks: an estimate of the full loss
-            picked = [losses[c] for c in selection.chunks if c in losses]
-            total = torch.stack(picked).sum() * selection.compensation if picked else torch.zeros((), device=device)
-        return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation, objective.metrics())
+            total = _compensated_loss(losses, factors, device)
+        selected = tuple(sorted(factors))
+        compensation = plan.selection.compensation if isinstance(plan, FixedPlan) else max(factors.values(), default=1.0)
+        return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selected, compensation, objective.metrics(),
+                               tuple(factors[c] for c in selected))
+
+    def _stage_two(self, batch: ChunkedBatch, plan: StepPlan, cache: ChunkCache, rng_states: list, losses: dict,
+                   objective: BoundObjective, *, score_last: bool) -> dict[int, float]:
+        """Stage 2: from the last chunk to the first, ask the plan and backpropagate the chunks it keeps.
+
+        Fills `losses` with the visited chunks' losses (and the last chunk's, when `score_last` and the plan
+        drops it); returns each kept chunk's factor.
+        """
+        devices = _rng_devices(self.handle.lm)
+        # When this call ends a distributed step, its last backward reduces the gradients across ranks
+        # (once per step): the plan's final chunk always runs then, zero-weighted if the plan skips it.
+        reduces = self.sync.reduces()
+        state = StageTwoState(target_counts=_target_counts(batch), relay_norms=lambda: cache.relay_norms(batch.bounds), agree=self.sync.agree)
+        factors: dict[int, float] = {}
+        # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
+        with torch.random.fork_rng(devices=devices):
+            for chunk in reversed(range(batch.num_chunks)):
+                factor = plan.decide(chunk, state)
+                final = reduces and chunk == plan.final_chunk
+                if factor is None and score_last and chunk == batch.num_chunks - 1:
+                    losses[chunk] = score_chunk(self.handle, batch, cache, chunk, sync=self.sync, objective=objective)
+                if factor is None and not final:
+                    continue
+                if factor is not None:
+                    factors[chunk] = factor
+                if chunk < len(rng_states):
+                    _restore_rng(rng_states[chunk], devices)
+                loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor or 0.0, sync=self.sync, reduce=final, objective=objective)
+                if loss is not None:
+                    losses[chunk] = loss
+                if final:
+                    break
+        return factors
+
+
+def _target_counts(batch: ChunkedBatch) -> tuple[int, ...]:
+    """Valid (non -100) targets in each chunk."""
+    valid = (batch.targets != -100).sum(0)
+    return tuple(int(valid[start:end].sum()) for start, end in batch.bounds)
+
+
+def _compensated_loss(losses: dict[int, torch.Tensor], factors: dict[int, float], device) -> torch.Tensor:
+    """sum_j f_j * loss_j over the visited chunks with a loss: an unbiased estimate of the full loss."""
+    picked = sorted(c for c in factors if c in losses)
+    if not picked:
+        return torch.zeros((), device=device)
+    if len({factors[c] for c in picked}) == 1:  # one factor (uniform, bernoulli): summed, then scaled
+        return torch.stack([losses[c] for c in picked]).sum() * factors[picked[0]]
+    return torch.stack([losses[c] * factors[c] for c in picked]).sum()
 
 
 class SpaCO(SeCO):
@@ -359,15 +412,19 @@ class SpaCO(SeCO):
     Args:
         model: a Hugging Face causal LM, or a PEFT model wrapping one.
         chunk_size: tokens per chunk.
-        budget: chunks backpropagated per step (on average, for `bernoulli`); required with a policy name.
-        sampling: "uniform", "bernoulli", or a `ChunkSampler` instance (which then owns budget,
-            max_compensation and seed).
+        budget: chunks backpropagated per step (on average, for `bernoulli`; at most on average, for
+            `adaptive`); required with a policy name.
+        sampling: "uniform", "bernoulli", "adaptive" (decides each chunk in stage 2 from its targets and
+            relay: exactly unbiased, and a chunk holding the step's targets is kept; docs/spaco.md), or a
+            `ChunkSampler` instance (which then owns budget, max_compensation and seed).
         max_compensation: cap on the compensation factor (the paper uses 2.0); None for no cap.
         seed: seed of the sampler's own generator (default 0).
         full_loss: True (default): `out.loss` is the loss over every chunk; stage 1 runs the LM head on the
             chunks stage 2 skips to get it. False: those chunks skip the head (a cheaper stage 1) and
             `out.loss` is the compensated loss of the selected chunks — an unbiased estimate of the full
-            loss when the factor is not capped. The gradient is the same either way.
+            loss when the factor is not capped. The gradient is the same either way. (`adaptive` does not
+            know in stage 1 which chunks it will skip: with True its stage 1 runs the head on every chunk
+            with targets.)
         attention, offload_kv: as for `SeCO`.
     """
 
@@ -398,7 +455,7 @@ class SpaCO(SeCO):
         """
         batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
         bound = self._bind(objective, batch, num_items)
-        return self._run(batch, self.sampler.select(batch.num_chunks), bound, inputs_embeds, full_loss=self.full_loss)
+        return self._run(batch, self.sampler.plan(batch.num_chunks), bound, inputs_embeds, full_loss=self.full_loss)
 
     def state_dict(self) -> dict:
         """The sampler's state, for checkpoints: restoring it replays the same selections."""

@@ -126,6 +126,19 @@ class GradientSync:
         """Whether this micro-batch ends the optimizer step: its last backward reduces, so every rank runs one."""
         return False
 
+    def agree(self, sums: torch.Tensor, draw: float) -> tuple[torch.Tensor, float]:
+        """What a policy deciding in stage 2 decides from, the same on every rank where ranks run in `lockstep`:
+        `sums` (`[n]` float64, CPU) summed over ranks and rank 0's `draw`. Elsewhere each rank decides alone."""
+        if not self.lockstep:
+            return sums, draw
+        # One all-reduce per decision: rank 0's draw travels in the sum, the others add zero.
+        rank0 = torch.distributed.get_rank() == 0
+        device = self.handle.lm.get_input_embeddings().weight.device  # NCCL reduces device tensors only
+        packed = torch.cat([sums, sums.new_tensor([draw if rank0 else 0.0])]).to(device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        return packed[:-1], float(packed[-1])
+
     def backward(self, outputs: list[torch.Tensor], seeds: list[torch.Tensor], *, reduce: bool) -> None:
         """One chunk's backward of `outputs` seeded with `seeds`; `reduce`: the step's last, which reduces."""
         torch.autograd.backward(outputs, seeds)

@@ -76,7 +76,8 @@ class TrainConfig:
     budget: int | None = None
     """SpaCO: chunks backpropagated per step (required with method="spaco")."""
     sampling: str = "uniform"
-    """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks) or "bernoulli" (exactly unbiased)."""
+    """SpaCO selection: "uniform" (the paper's: exactly `budget` chunks), "bernoulli" (exactly unbiased), or "adaptive"
+    (decided in stage 2: chunks with targets kept, exactly unbiased; docs/spaco.md)."""
     max_compensation: float | None = None
     """SpaCO: cap on the compensation factor (the paper uses 2.0); None: no cap."""
     attention: str = "chunkwise"
