@@ -204,9 +204,8 @@ def stratification(windows: int, steps: int, tasks=("last", "everywhere")) -> di
     """Relative RMS error of the mean of `steps` consecutive gradient estimates (the same batch each step),
     over `windows` seeds, stratified draws against fresh ones: tests/core/test_adaptive.py's float64 tiny Llama
     (k = 5 chunks of 4 tokens, t = 2), targets on the last token only and on every token."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "core"))
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from test_adaptive import CHUNK as TINY_CHUNK, batch as tiny_batch, float64_model, seco_grads
+    from spaco_reference import CHUNK as TINY_CHUNK, batch as tiny_batch, float64_model, seco_grads
 
     model = float64_model("tiny-llama")
     results = {}

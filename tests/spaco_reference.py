@@ -10,7 +10,12 @@ from __future__ import annotations
 import itertools
 import math
 
-from chunkwise import ChunkSampler
+import torch
+from reference import trainable_grads
+from tiny_models import norms_in_model_dtype
+
+from chunkwise import ChunkSampler, SeCO
+from chunkwise.models.presets import build_tiny_model
 
 
 class FixedSelection(ChunkSampler):
@@ -48,3 +53,30 @@ def expected_gradient(gradient, subsets_and_weights):
         for name, grad in gradient(chunks).items():
             total[name] = total.get(name, 0) + weight * grad
     return total
+
+
+# ----- the adaptive policy's tiny setting (tests/core/test_adaptive.py, docs/spaco_adaptive.py) -----------
+
+CHUNK, SEQ = 4, 18  # 5 chunks, the last one ragged (2 tokens)
+
+
+def float64_model(preset: str) -> torch.nn.Module:
+    """A float64 tiny model whose RMSNorms compute in float64 (see `tiny_models.norms_in_model_dtype`)."""
+    return norms_in_model_dtype(build_tiny_model(preset, dtype=torch.float64, seed=0))
+
+
+def batch(where: str):
+    """Two rows of `SEQ` tokens; labels on the last token only (its target sits in the last chunk) or everywhere."""
+    input_ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    if where == "last":
+        labels[:, : SEQ - 1] = -100
+    return input_ids, labels
+
+
+def seco_grads(model, input_ids, labels):
+    """SeCO's (exact) gradient of the batch, chunk `CHUNK`."""
+    model.zero_grad(set_to_none=True)
+    SeCO(model, chunk_size=CHUNK).backward(input_ids, labels=labels)
+    return trainable_grads(model)
+

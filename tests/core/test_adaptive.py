@@ -13,32 +13,17 @@ docstring says why): otherwise float32 rounding inside the norms hides the 1e-10
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from reference import max_relative_error, trainable_grads
+from spaco_reference import CHUNK, batch, float64_model, seco_grads
 
 from chunkwise import SeCO, SpaCO
-from chunkwise.objectives import DPO, GRPO
 from chunkwise.core.sampling import SAMPLERS, AdaptivePlan, AdaptiveSampler
-from chunkwise.models.presets import build_tiny_model
+from chunkwise.objectives import DPO, GRPO
 
-CHUNK, SEQ, K, BUDGET = 4, 18, 5, 2  # 5 chunks, the last one ragged (2 tokens)
+K, BUDGET = 5, 2  # 5 chunks of CHUNK = 4 tokens (SEQ = 18: the last one ragged, 2 tokens), budget 2
 ARCHITECTURES = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
-
-
-def _rms_norm_in_model_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def float64_model(preset: str) -> torch.nn.Module:
-    model = build_tiny_model(preset, dtype=torch.float64, seed=0)
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rms_norm_in_model_dtype, module)
-    return model
 
 
 class ForcedPlan(AdaptivePlan):
@@ -80,21 +65,6 @@ def expectation_over_paths(model, input_ids, labels, *, budget: int = BUDGET, ch
         expected_chunks += probability * len(out.selected)
         paths += 1
     return expected_grads, expected_chunks, paths
-
-
-def batch(where: str):
-    """Two rows of `SEQ` tokens; labels on the last token only (its target sits in the last chunk) or everywhere."""
-    input_ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    labels = input_ids.clone()
-    if where == "last":
-        labels[:, : SEQ - 1] = -100
-    return input_ids, labels
-
-
-def seco_grads(model, input_ids, labels):
-    model.zero_grad(set_to_none=True)
-    SeCO(model, chunk_size=CHUNK).backward(input_ids, labels=labels)
-    return trainable_grads(model)
 
 
 @pytest.mark.parametrize("preset", ARCHITECTURES)
