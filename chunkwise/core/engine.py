@@ -29,6 +29,7 @@ from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
 from chunkwise.core.cache import ChunkCache
 from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
 from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
+from chunkwise.core.quantized import KBIT_CHECKPOINTING_FIX, is_quantized, trainable_quantized_layers
 from chunkwise.core.sampling import ChunkSampler, ChunkSelection, make_sampler, select_all
 from chunkwise.core.sync import GradientSync, gradient_sync
 
@@ -277,11 +278,12 @@ class SeCO:
         if any(getattr(module, "gradient_checkpointing", False) for module in self.handle.lm.modules()):
             # transformers drops the KV cache inside checkpointed layers, which would cut every chunk off
             # from its past: a silently wrong gradient.
+            kbit = f" (peft's prepare_model_for_kbit_training turns it on: call {KBIT_CHECKPOINTING_FIX})" if is_quantized(self.handle.lm) else ""
             raise ValueError(
                 "gradient checkpointing is enabled on the model; chunk-wise training already keeps only one "
                 "chunk's activations and needs the KV cache that checkpointing disables. Call "
                 "model.activation_checkpointing_disable(), or drop gradient_checkpointing=True from the training "
-                "arguments."
+                f"arguments{kbit}."
             )
         device = self.handle.lm.get_input_embeddings().weight.device
         return chunk_batch(
@@ -304,7 +306,9 @@ class SeCO:
             # ZeRO-3 always: the other ranks' chunks gather parameters with this one).
             zero = torch.zeros((), device=batch.targets.device)
             return ChunkwiseOutput(zero, 0, batch.num_chunks, (), selection.compensation)
-        with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
+        # Stage 1 and stage 2's first layers run on inputs without grad: a quantized base must not take its
+        # inference-only path there (see chunkwise.core.quantized).
+        with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"), trainable_quantized_layers(self.handle.lm):
             return self._stages(batch, selection, objective, inputs_embeds, full_loss=full_loss)
 
     def _stages(self, batch: ChunkedBatch, selection: ChunkSelection, objective: BoundObjective, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:

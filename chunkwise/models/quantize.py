@@ -1,0 +1,103 @@
+"""Quantized bases (QLoRA): the bitsandbytes settings, named as TRL's `ModelConfig` names them.
+
+A quantized base is frozen: its 4-bit or 8-bit weights cannot take a gradient, so only LoRA adapters train
+on it (`check_quantized_training`). The compute dtype — what bitsandbytes dequantizes each weight to for its
+matmul — follows the run's precision unless given: float32 for `--dtype float32`, bfloat16 under bfloat16
+autocast, and so on.
+
+bitsandbytes is an optional dependency, imported only when a quantized base is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How to quantize the base model's linear layers on load (TRL's `ModelConfig` field names).
+
+    Attributes:
+        load_in_4bit: 4-bit weights (bitsandbytes `Linear4bit`), QLoRA's usual choice.
+        load_in_8bit: 8-bit weights (bitsandbytes LLM.int8 `Linear8bitLt`).
+        bnb_4bit_quant_type: "nf4" (normal-float, QLoRA's) or "fp4".
+        bnb_4bit_use_double_quant: quantize the per-block scales too (saves ~0.4 bit per weight).
+        bnb_4bit_compute_dtype: "float32", "bfloat16" or "float16"; None: from the run's precision.
+    """
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ValueError(f"--bnb-4bit-quant-type must be one of {', '.join(QUANT_TYPES)}, got {self.bnb_4bit_quant_type!r}")
+        if self.bnb_4bit_compute_dtype is not None and self.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--bnb-4bit-compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.bnb_4bit_compute_dtype!r}")
+        if not self.load_in_4bit and (self.bnb_4bit_quant_type != "nf4" or self.bnb_4bit_use_double_quant or self.bnb_4bit_compute_dtype):
+            raise ValueError("the --bnb-4bit-* options shape a 4-bit base; add --load-in-4bit or drop them")
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+    @property
+    def bits(self) -> int | None:
+        """4, 8, or None when the base is not quantized."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
+
+    @property
+    def option(self) -> str:
+        """The command-line option that asked for it (for messages)."""
+        return "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit"
+
+    def compute_dtype(self, weights: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+        """The dtype bitsandbytes computes in: the given one, else the run's (autocast's, else the weights')."""
+        if self.bnb_4bit_compute_dtype is not None:
+            return getattr(torch, self.bnb_4bit_compute_dtype)
+        dtype = autocast or weights
+        if dtype == torch.float64:
+            raise ValueError(f"{self.option}: bitsandbytes computes in float32, bfloat16 or float16, not float64; use --dtype float32")
+        return dtype
+
+    def bitsandbytes_config(self, compute_dtype: torch.dtype):
+        """transformers' `BitsAndBytesConfig` for these settings.
+
+        Raises:
+            ImportError: bitsandbytes is not installed (the message says how to install it).
+        """
+        try:
+            import bitsandbytes  # noqa: F401  (transformers needs it to load; fail here with the fix)
+        except ImportError:
+            raise ImportError(f"{self.option} needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+
+
+NO_QUANTIZATION = Quantization()
+
+
+def check_quantized_training(quantization: Quantization, *, lora_rank: int | None) -> None:
+    """Refuse a full fine-tune of a quantized base, in one line with the fix."""
+    if quantization.enabled and not lora_rank:
+        raise ValueError(
+            f"{quantization.option} freezes the base in {quantization.bits}-bit weights, which take no gradient: train LoRA "
+            f"adapters on it (--lora-rank N, QLoRA), or drop {quantization.option} for a full fine-tune"
+        )
