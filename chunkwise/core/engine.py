@@ -27,6 +27,7 @@ import torch
 from chunkwise.attention.chunk import ATTENTION_CHOICES, chunk_attention
 from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
 from chunkwise.core.cache import ChunkCache
+from chunkwise.core.gradient_guard import check_gradient_moved, starts_at_zero, trainable_gradients
 from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
 from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
 from chunkwise.core.quantized import KBIT_CHECKPOINTING_FIX, is_quantized, trainable_quantized_layers
@@ -331,6 +332,7 @@ class SeCO:
         visits = [(chunk, selection.compensation) for chunk in reversed(selection.chunks)]
         if reduces and not visits:
             visits = [(0, 0.0)]
+        guarded = self._guard_applies(batch, visits, objective)
         # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
         with torch.random.fork_rng(devices=devices):
             for step, (chunk, factor) in enumerate(visits):
@@ -343,6 +345,8 @@ class SeCO:
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
+        if guarded:
+            check_gradient_moved(self.model, num_targets=batch.num_targets, method=type(self).__name__)
         if not objective.loss_is_chunk_sum:
             total = objective.value()
         elif full_loss:
@@ -351,6 +355,18 @@ class SeCO:
             picked = [losses[c] for c in selection.chunks if c in losses]
             total = torch.stack(picked).sum() * selection.compensation if picked else torch.zeros((), device=device)
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation, objective.metrics())
+
+
+    def _guard_applies(self, batch: ChunkedBatch, visits: list[tuple[int, float]], objective: BoundObjective) -> bool:
+        """Whether this step's gradient must come out non-zero (`chunkwise.core.gradient_guard` says which
+        steps are checked and why): stage 2 backpropagates a chunk with targets, the objective's gradient cannot
+        legitimately vanish, `.grad` is where the gradient lands, and it starts at zero."""
+        return (
+            objective.zero_gradient_is_error
+            and self.sync.gradients_in_grad
+            and any(batch.chunk_has_targets[chunk] and factor != 0.0 for chunk, factor in visits)
+            and starts_at_zero(trainable_gradients(self.model))
+        )
 
 
 class SpaCO(SeCO):
