@@ -13,13 +13,13 @@ for mode in ("lora", "full"):
     if mode == "lora": model = add_lora(model, rank=8, random_b=0.1)
     engine = SeCO(model, chunk_size=256)
     on, off = [], []
-    orig = SeCO._guard_applies
+    orig = SeCO._guard_armed
     for i in range(12):
         for guard, bucket in ((True, on), (False, off)):
-            SeCO._guard_applies = orig if guard else (lambda self, *a: False)
+            SeCO._guard_armed = orig if guard else (lambda self, *a: False)
             model.zero_grad(set_to_none=True)
             t = time.perf_counter(); engine.backward(ids); bucket.append(time.perf_counter() - t)
-    SeCO._guard_applies = orig
+    SeCO._guard_armed = orig
     alone = []
     for i in range(50):
         t = time.perf_counter(); grads = trainable_gradients(model); starts_at_zero([None]); check_gradient_moved(model, num_targets=1, method="x"); alone.append(time.perf_counter() - t)

@@ -332,7 +332,9 @@ class SeCO:
         visits = [(chunk, selection.compensation) for chunk in reversed(selection.chunks)]
         if reduces and not visits:
             visits = [(0, 0.0)]
-        guarded = self._guard_applies(batch, visits, objective)
+        # The zero-gradient guard: armed before stage 2 (the gradients start at zero), it checks after stage 2
+        # if a chunk with targets was backpropagated with a non-zero factor (whatever decided which chunks).
+        guard_armed, backpropagated_targets = self._guard_armed(objective), False
         # Stage 2 runs on a forked RNG: afterwards the global RNG is where stage 1 left it.
         with torch.random.fork_rng(devices=devices):
             for step, (chunk, factor) in enumerate(visits):
@@ -342,10 +344,11 @@ class SeCO:
                 loss = backward_chunk(self.handle, batch, cache, chunk, factor=factor, sync=self.sync, reduce=reduce, objective=objective)
                 if loss is not None:
                     losses[chunk] = loss
+                backpropagated_targets |= batch.chunk_has_targets[chunk] and factor != 0.0
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
-        if guarded:
+        if guard_armed and backpropagated_targets:
             check_gradient_moved(self.model, num_targets=batch.num_targets, method=type(self).__name__)
         if not objective.loss_is_chunk_sum:
             total = objective.value()
@@ -357,16 +360,11 @@ class SeCO:
         return ChunkwiseOutput(total, batch.num_targets, batch.num_chunks, selection.chunks, selection.compensation, objective.metrics())
 
 
-    def _guard_applies(self, batch: ChunkedBatch, visits: list[tuple[int, float]], objective: BoundObjective) -> bool:
-        """Whether this step's gradient must come out non-zero (`chunkwise.core.gradient_guard` says which
-        steps are checked and why): stage 2 backpropagates a chunk with targets, the objective's gradient cannot
+    def _guard_armed(self, objective: BoundObjective) -> bool:
+        """Whether this step's gradient will be checked for being all zero, if stage 2 backpropagates a chunk
+        with targets (`chunkwise.core.gradient_guard` says which steps and why): the objective's gradient cannot
         legitimately vanish, `.grad` is where the gradient lands, and it starts at zero."""
-        return (
-            objective.zero_gradient_is_error
-            and self.sync.gradients_in_grad
-            and any(batch.chunk_has_targets[chunk] and factor != 0.0 for chunk, factor in visits)
-            and starts_at_zero(trainable_gradients(self.model))
-        )
+        return objective.zero_gradient_is_error and self.sync.gradients_in_grad and starts_at_zero(trainable_gradients(self.model))
 
 
 class SpaCO(SeCO):
