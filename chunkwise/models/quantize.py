@@ -92,6 +92,16 @@ class Quantization:
 
 
 NO_QUANTIZATION = Quantization()
+QUANTIZATION_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+
+
+def quantization_of_settings(settings: dict) -> Quantization:
+    """The `Quantization` a run's saved settings describe (fields at the top or in one group below); none if absent."""
+    flat = dict(settings)
+    for group in settings.values():
+        if isinstance(group, dict):
+            flat.update(group)
+    return Quantization(**{name: flat[name] for name in QUANTIZATION_FIELDS if flat.get(name) is not None})
 
 
 def check_quantized_training(quantization: Quantization, *, lora_rank: int | None) -> None:

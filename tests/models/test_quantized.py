@@ -172,3 +172,43 @@ def test_compute_dtype_follows_the_precision_unless_given():
     model = quantized_lora("tiny-llama", QUANTIZATIONS["nf4"])
     layer = quantized_4bit_layers(model)[0]
     assert layer.compute_dtype == torch.float32 and layer.weight.quant_type == "nf4"
+
+
+def test_verify_compares_against_a_reference_the_repack_does_not_zero():
+    """`chunkwise verify` runs both passes in eval mode; its full-backprop reference has an input without grad
+    at the first layer, which would repack a 4-bit base and zero the reference."""
+    from chunkwise.recipes.verify import compare_gradients
+
+    model = quantized_lora("tiny-qwen2", QUANTIZATIONS["nf4"])
+    report = compare_gradients(model, seq_len=48, chunk_size=16)
+    assert report.max_rel <= TOLERANCE
+    assert all(p.grad.abs().max() > 0 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_an_adapter_trained_on_a_4bit_base_loads_on_the_quantized_base_and_on_the_unquantized_one(tmp_path):
+    from chunkwise.recipes.run import load_trained_model
+
+    base_folder = tmp_path / "base"
+    load_causal_lm("tiny-llama").save_pretrained(base_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = add_lora(load_causal_lm(str(base_folder), quantization=QUANTIZATIONS["nf4"]), rank=4, random_b=0.1, seed=1)
+    input_ids, mask, labels = padded_batch()
+    SeCO(model, chunk_size=16).backward(input_ids, labels=labels, attention_mask=mask)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= 0.5 * p.grad
+    model.save_pretrained(tmp_path / "adapter")
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    for quantization in (QUANTIZATIONS["nf4"], Quantization()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded, _, _ = load_trained_model(str(tmp_path / "adapter"), quantization=quantization)
+        assert bool(quantized_4bit_layers(loaded)) == quantization.enabled
+        adapter = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+        assert adapter.keys() == trained.keys() and all(torch.equal(adapter[n], trained[n]) for n in trained)
+        with torch.no_grad():
+            logits = loaded(input_ids=input_ids, attention_mask=mask).logits
+        assert torch.isfinite(logits).all()
