@@ -69,6 +69,41 @@ class Quantization:
             raise ValueError(f"{self.option}: bitsandbytes computes in float32, bfloat16 or float16, not float64; use --dtype float32")
         return dtype
 
+    # ----- sizes, for the planner (chunkwise.plan reads configs only) ------------------------------------
+
+    BLOCKSIZE = 64  # bitsandbytes' 4-bit block (transformers' default): one scale per 64 weights
+    NESTED_BLOCKSIZE = 256  # double quantization: the 8-bit scales are themselves scaled per 256
+
+    def weight_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes one quantized `nn.Linear` weight `[out, in]` takes, quantization state included (its bias,
+        if any, stays in the model's dtype and is counted with the unquantized parameters).
+
+        * 4-bit: half a byte per weight (two per uint8) + a float32 scale per 64-weight block + the 16-entry
+          float32 code; with double quantization an 8-bit scale per block + a float32 scale per 256 blocks
+          (+ their 256-entry code and offset).
+        * 8-bit: a byte per weight + a float32 scale per output row (LLM.int8's SCB).
+        """
+        weights = out_features * in_features
+        if self.load_in_8bit:
+            return weights + 4 * out_features
+        blocks = -(-weights // self.BLOCKSIZE)
+        packed = -(-weights // 2)
+        code = 4 * 16
+        if not self.bnb_4bit_use_double_quant:
+            return packed + 4 * blocks + code
+        return packed + blocks + 4 * -(-blocks // self.NESTED_BLOCKSIZE) + 4 * 256 + 4 + code
+
+    @staticmethod
+    def dequantization_bytes(linears, compute_bytes: int) -> int:
+        """The workspace of the dequantized weight: bitsandbytes' training matmuls (4-bit, and 8-bit on CPU) turn
+        the layer's weight back into a dense `[out, in]` tensor in the compute dtype for each matmul and each
+        input-gradient matmul, one layer at a time: the largest quantized linear's, once.
+
+        Args:
+            linears: `(name, in features, out features)` of the quantized linears.
+        """
+        return max((inputs * outputs for _, inputs, outputs in linears), default=0) * compute_bytes
+
     def bitsandbytes_config(self, compute_dtype: torch.dtype):
         """transformers' `BitsAndBytesConfig` for these settings.
 
@@ -102,6 +137,12 @@ def quantization_of_settings(settings: dict) -> Quantization:
         if isinstance(group, dict):
             flat.update(group)
     return Quantization(**{name: flat[name] for name in QUANTIZATION_FIELDS if flat.get(name) is not None})
+
+
+def quantized_linears(linears) -> list[tuple[str, int, int]]:
+    """The linears transformers quantizes on load: all but the output embedding (`lm_head`), which it keeps
+    in the model's dtype (bitsandbytes' `llm_int8_skip_modules` default)."""
+    return [m for m in linears if m[0].split(".")[-1] != "lm_head"]
 
 
 def check_quantized_training(quantization: Quantization, *, lora_rank: int | None) -> None:

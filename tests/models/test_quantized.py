@@ -212,3 +212,25 @@ def test_an_adapter_trained_on_a_4bit_base_loads_on_the_quantized_base_and_on_th
         with torch.no_grad():
             logits = loaded(input_ids=input_ids, attention_mask=mask).logits
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "nf4-double", "int8"])
+def test_planned_weight_bytes_equal_what_bitsandbytes_stores(quantization):
+    """`Quantization.weight_bytes` per layer, summed over the linears transformers quantizes, against the bytes
+    of every quantized layer's weight and quantization state as loaded."""
+    from chunkwise.models.quantize import quantized_linears
+    from chunkwise.plan import ModelShape
+
+    options = QUANTIZATIONS[quantization]
+    model = quantized_lora("tiny-llama", options)
+    stored = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            tensors = [module.weight.data, state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if state.nested else [])
+            stored += sum(t.numel() * t.element_size() for t in tensors)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            stored += sum(t.numel() * t.element_size() for t in (module.weight.data, module.weight.SCB))
+    linears = quantized_linears(ModelShape.from_name("tiny-llama").linears)
+    planned = sum(options.weight_bytes(outputs, inputs) for _, inputs, outputs in linears)
+    assert planned == stored
