@@ -20,21 +20,21 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class Quantization:
-    """How to quantize the base model's linear layers on load (TRL's `ModelConfig` field names).
+    """How to quantize the base model's linear layers on load (TRL's `ModelConfig` field names; the command
+    line's options are generated from these fields, so each docstring is an option's help)."""
 
-    Attributes:
-        load_in_4bit: 4-bit weights (bitsandbytes `Linear4bit`), QLoRA's usual choice.
-        load_in_8bit: 8-bit weights (bitsandbytes LLM.int8 `Linear8bitLt`).
-        bnb_4bit_quant_type: "nf4" (normal-float, QLoRA's) or "fp4".
-        bnb_4bit_use_double_quant: quantize the per-block scales too (saves ~0.4 bit per weight).
-        bnb_4bit_compute_dtype: "float32", "bfloat16" or "float16"; None: from the run's precision.
-    """
+    CHOICES = {"bnb_4bit_quant_type": QUANT_TYPES, "bnb_4bit_compute_dtype": COMPUTE_DTYPES}
 
     load_in_4bit: bool = False
+    """Load the base quantized to 4 bits (bitsandbytes; QLoRA); only LoRA adapters train on it."""
     load_in_8bit: bool = False
+    """Load the base quantized to 8 bits (bitsandbytes LLM.int8); only LoRA adapters train on it."""
     bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: "nf4" (normal-float, QLoRA's) or "fp4"."""
     bnb_4bit_use_double_quant: bool = False
+    """Quantize the 4-bit block scales too (about 0.4 bit less per weight)."""
     bnb_4bit_compute_dtype: str | None = None
+    """What a 4-bit layer computes in: float32, bfloat16 or float16 (default: the run's precision, --dtype)."""
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
