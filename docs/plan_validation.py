@@ -10,7 +10,7 @@
 The bench measures a step's peak above the loaded model (no optimizer: it only runs backward), so the
 prediction compared is the plan without optimizer state, less the weights; on a CPU an offloaded KV
 cache lives in the same memory, so it is added back. `chunkwise bench` has no autocast option: the
-`autocast` command runs the bench's own cases (`chunkwise.bench.run_case`, a fresh process each, the
+`autocast` command runs the bench's own cases (`chunkwise.tools.bench.runner.run_case`, a fresh process each, the
 bench's malloc settings) with the whole case inside one bfloat16 autocast region. Autocast's cached
 weight copies are then made by the bench's priming step and sit in the baseline, so they are left out
 of the prediction compared too.
@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from chunkwise.plan.memory import ModelShape, Training, method_plan
+from chunkwise.plan import ModelShape, Training, method_plan
 from chunkwise.utils.memory import MiB
 
 # The local models of the validation: shapes the bench's Llama presets do not cover.
@@ -57,12 +57,10 @@ def make_models(folder: Path) -> None:
 
 
 def shape_of(model: str) -> ModelShape:
-    from transformers import LlamaConfig
-
-    from chunkwise.tools.bench.runner import BENCH_MODELS
+    from chunkwise.models.presets import BENCH_MODELS, bench_config
 
     if model in BENCH_MODELS:
-        return ModelShape.from_config(LlamaConfig(**BENCH_MODELS[model]), name=model)
+        return ModelShape.from_config(bench_config(model), name=model)
     if Path(model).name in LOCAL_MODELS:
         return ModelShape.from_config(local_config(Path(model).name), name=Path(model).name)
     return ModelShape.from_name(model)
@@ -132,7 +130,9 @@ def measure_autocast(args: argparse.Namespace) -> None:
     """Run `chunkwise bench`'s cases under bfloat16 autocast and write bench.json / bench.md to `args.output`."""
     from dataclasses import asdict
 
-    from chunkwise.tools.bench.runner import BenchReport, BenchSettings, describe_machine, markdown_table, run_case
+    from chunkwise.tools.bench.case import BenchSettings
+    from chunkwise.tools.bench.report import BenchReport, markdown_table
+    from chunkwise.tools.bench.runner import describe_machine, run_case
 
     settings = BenchSettings(model=args.model, methods=tuple(args.methods.split(",")), lengths=tuple(map(int, args.lengths.split(","))),
                              chunk_size=args.chunk_size, budget=args.budget, dtype="bfloat16" if args.lora_r else "float32",
@@ -163,7 +163,8 @@ def autocast_case(case_json: str, *, cold: bool) -> None:
     """
     import torch
 
-    from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, build_case_model, make_step, measure_case
+    from chunkwise.tools.bench.case import RESULT_MARKER, BenchCase
+    from chunkwise.tools.bench.measure import build_case_model, make_step, measure_case
 
     def warmed(case: BenchCase, device: torch.device) -> torch.nn.Module:
         model = build_case_model(case, device)
@@ -180,7 +181,7 @@ def autocast_case(case_json: str, *, cold: bool) -> None:
 def lm_head_workspace(model: str, tokens: int) -> str:
     """Resident memory the LM head's matmul takes beyond its output, measured as the bench measures.
 
-    Run in a fresh process with `chunkwise.bench.child_environment()`'s malloc settings: the part above
+    Run in a fresh process with `chunkwise.tools.bench.runner.child_environment()`'s malloc settings: the part above
     the output is BLAS's packing buffer, which the planner does not count.
     """
     import torch
@@ -204,7 +205,8 @@ def code_pages(model: str, method: str, seq_len: int, chunk_size: int) -> str:
     part of the bench's peak, not a tensor. Measured like a bench case (same priming step and baseline)."""
     import torch
 
-    from chunkwise.tools.bench.runner import BenchCase, CaseResult, build_case_model, measure_on
+    from chunkwise.tools.bench.case import BenchCase, CaseResult
+    from chunkwise.tools.bench.measure import build_case_model, measure_on
     from chunkwise.utils.memory import CpuMemory
 
     class FileBacked(CpuMemory):

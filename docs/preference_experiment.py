@@ -33,7 +33,7 @@ from chunkwise.core.reference import ReferenceModel, reference_token_logps
 from chunkwise.data.preferences import collate_pairs, read_preference_pairs
 from chunkwise.data.synthetic import DEMO_TASK
 from chunkwise.recipes.run import load_trained_model
-from chunkwise.recipes.train.recipe import TrainConfig, train
+from chunkwise.recipes.train import TrainConfig, train
 
 
 def preference_rows(count: int, *, seq_len: int, seed: int) -> list[dict]:

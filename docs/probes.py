@@ -7,7 +7,7 @@ Each measurement is one `chunkwise eval --task passkey` command (printed), run i
 thread and glibc's mmap threshold fixed at 16 KiB, so that the resident set follows live tensors (as
 `chunkwise bench` runs its cases; see `bench.child_environment`). The tiny random model is a 2-layer Llama
 (hidden 64) with a byte-level BPE tokenizer trained here on a few English sentences (the one
-tests/recipes/test_probes.py trains), saved to runs/probe-tiny-random: a model folder like any user's.
+tests/tokenizer_fixtures.py trains for the tests), saved to runs/probe-tiny-random: a model folder like any user's.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def build_tiny_random_model() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests" / "recipes"))
-    from test_probes import bpe_tokenizer  # noqa: E402  (the tokenizer the tests train)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tokenizer_fixtures import bpe_tokenizer  # noqa: E402  (the tokenizer the tests train)
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

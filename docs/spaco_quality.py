@@ -82,7 +82,7 @@ def measure_step_times() -> dict[str, float]:
     from chunkwise import SeCO, SpaCO
     from chunkwise.data.synthetic import DEMO_TASK
     from chunkwise.models.presets import build_tiny_model
-    from chunkwise.recipes.train.recipe import full_backward
+    from chunkwise.recipes.train.step import full_backward
 
     torch.set_num_threads(1)
     model = build_tiny_model("demo-llama")

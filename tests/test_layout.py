@@ -2,6 +2,10 @@
 
 Read from the source with `ast` (no import runs), so a new upward import fails here, naming the file. With
 every import pointing down the list, the graph between folders has no cycle.
+
+The tests mirror those folders; what several test modules share lives in support modules at tests/ top level
+(reference.py, tiny_models.py, ...), never in a test module another one imports. Test modules are imported by
+their bare name (pytest puts each one's folder on sys.path), so their names are unique across folders.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 import chunkwise
 
 PACKAGE = Path(chunkwise.__file__).parent
+TESTS = Path(__file__).parent
 # Bottom to top. A module may import from its own folder and from the folders before it in this list.
 LAYERS = ["utils", "attention", "core", "data", "models", "plan", "recipes", "integrations", "tools", "cli"]
 # The package root holds the public face (`chunkwise`, `chunkwise.hf`, `chunkwise.trl_trainers`,
@@ -80,3 +85,33 @@ def test_public_paths_keep_working():
     from chunkwise.trl_trainers import ChunkwiseDPOMixin  # noqa: F401
 
     assert HfConfig is ChunkwiseConfig
+
+
+def imported_names(path: Path) -> list[tuple[str, int]]:
+    """`(top-level module name, line)` for every import in `path`, function-level ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.module.split(".")[0], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+    return found
+
+
+def test_no_test_module_imports_another():
+    test_modules = {path.stem for path in TESTS.rglob("test_*.py")}
+    scripts = sorted(TESTS.rglob("*.py")) + sorted((TESTS.parent / "docs").glob("*.py"))
+    problems = [
+        f"{path.relative_to(TESTS.parent)}:{line} imports {name} (move what it shares to a support module at tests/ top level)"
+        for path in scripts
+        for name, line in imported_names(path)
+        if name in test_modules
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_test_module_names_are_unique():
+    paths = sorted(TESTS.rglob("*.py"))
+    names = [path.name for path in paths if path.name != "__init__.py"]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    assert not repeated, f"imported by bare name, so these must not repeat: {repeated}"

@@ -20,7 +20,7 @@ from multirank import RUN_TIMEOUT, Launched, RanksFailed, SpawnedRanks, assert_l
 
 from chunkwise import SeCO
 from chunkwise.models.presets import build_tiny_model
-from chunkwise.recipes.train.recipe import is_lost_rank
+from chunkwise.recipes.train.distributed import is_lost_rank
 
 
 def killed_mid_step(rank: int) -> dict:

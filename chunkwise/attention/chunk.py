@@ -339,6 +339,12 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None
 
 
+def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """`causal_chunk_attention` on plain tensor ops (`_BlockedAttention`, keys in blocks sized for the query):
+    the last resort where no fused kernel passed its check. Shapes as `causal_chunk_attention`'s, one dtype."""
+    return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
+
+
 def causal_chunk_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, offloaded: OffloadedPast | None = None
 ) -> torch.Tensor:
@@ -362,8 +368,7 @@ def causal_chunk_attention(
     if offloaded is not None or key.device == query.device:
         kernel = select_kernel(query.device, query.dtype, query.shape[-1], run=split_attention)
     if kernel is None:
-        key, value = key.to(query.dtype), value.to(query.dtype)
-        return _BlockedAttention.apply(query, key, value, scale, _key_block(query))
+        return blocked_attention(query, key.to(query.dtype), value.to(query.dtype), scale)
     if offloaded is not None:
         own_key, own_value = (t.to(query.dtype) for t in (offloaded.fresh_keys, offloaded.fresh_values))
         return _OffloadedSplitAttention.apply(query, own_key, own_value, scale, kernel, offloaded)

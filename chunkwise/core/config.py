@@ -1,5 +1,8 @@
 """`ChunkwiseConfig`: the engine's settings, checked once, and the one place an engine is built from them.
 
+The checks themselves (`check_engine_settings`) also serve `chunkwise train`'s `TrainConfig`, which names
+the settings as command-line options (`OptionNames`).
+
 `chunkwise train`, `ChunkwiseTrainer`, the TRL trainers and `chunkwise bench` all describe their engine
 with a `ChunkwiseConfig` and build it with `ChunkwiseConfig.make_engine`.
 """
@@ -16,6 +19,66 @@ from chunkwise.core.sampling import SAMPLERS, ChunkSampler, make_sampler
 from chunkwise.utils.memory import parse_bytes
 
 METHODS = ("seco", "spaco")
+
+
+@dataclass(frozen=True)
+class OptionNames:
+    """How an error message names a setting, so one check serves the Python API and the command line.
+
+    `owner="ChunkwiseConfig"`: `ChunkwiseConfig.budget`, `budget`, `method='spaco'`;
+    `owner=None` (command-line options): `--budget`, `--budget`, `--method spaco`.
+    """
+
+    owner: str | None = None
+
+    def __call__(self, field: str) -> str:
+        """The setting as the subject of a message: `ChunkwiseConfig.chunk_size` or `--chunk-size`."""
+        return f"{self.owner}.{field}" if self.owner else self.short(field)
+
+    def short(self, field: str) -> str:
+        """The setting where its owner is already clear: `chunk_size` or `--chunk-size`."""
+        return field if self.owner else "--" + field.replace("_", "-")
+
+    def value(self, field: str, value) -> str:
+        """The setting with a value: `method='spaco'` or `--method spaco`."""
+        return f"{field}={value!r}" if self.owner else f"{self.short(field)} {value}"
+
+
+def check_choice(value, choices, name: str) -> None:
+    """Raise the one message for a setting outside its choices; `name` is how the caller spells it."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_engine_settings(settings, *, names: OptionNames, methods: tuple[str, ...] = METHODS) -> None:
+    """The checks of the engine's settings, for `ChunkwiseConfig` and `chunkwise train`'s `TrainConfig` alike.
+
+    `settings` has the attributes method, chunk_size, budget, sampling, max_compensation, attention and memory;
+    `methods` the methods its owner accepts (`TrainConfig` adds "full", ordinary backprop).
+    """
+    check_choice(settings.method, methods, names("method"))
+    check_choice(settings.attention, ATTENTION_CHOICES, names("attention"))
+    check_choice(settings.sampling, tuple(SAMPLERS), names("sampling"))
+    chunk_size = settings.chunk_size
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{names('chunk_size')} must be a positive integer (tokens per chunk) or 'auto', got {chunk_size!r}")
+    if settings.memory is not None:
+        if chunk_size != "auto":
+            # (Worded as each audience's tests have long read it: the API's "is", the command line's "sets".)
+            raise ValueError(f"{names('memory')} {'is' if names.owner else 'sets'} the budget of {names.value('chunk_size', 'auto')}; "
+                             f"set {names.value('chunk_size', 'auto')} or drop {names.short('memory')}")
+        parse_bytes(str(settings.memory), names("memory"))
+    if settings.method != "spaco":
+        # These only shape SpaCO; set with another method they most likely mean the user wanted SpaCO.
+        for option in ("budget", "max_compensation"):
+            if getattr(settings, option) is not None:
+                raise ValueError(f"{names(option)} only applies to {names.value('method', 'spaco')} (the other methods "
+                                 f"backpropagate every chunk); set {names.value('method', 'spaco')} or drop {names.short(option)}")
+        return
+    if settings.budget is None:
+        raise ValueError(f"{names.value('method', 'spaco')} needs {names.short('budget')}: how many chunks to backpropagate per step")
+    # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1.
+    make_sampler(settings.sampling, budget=settings.budget, max_compensation=settings.max_compensation, seed=0)
 
 
 @dataclass
@@ -44,33 +107,9 @@ class ChunkwiseConfig:
     """With chunk_size="auto": plan for this much device memory (bytes, or "24GiB") instead of its free memory."""
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"ChunkwiseConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"ChunkwiseConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
-        if self.chunk_size != "auto" and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"ChunkwiseConfig.chunk_size must be a positive integer (tokens per chunk) or 'auto', got {self.chunk_size!r}")
-        if self.memory is not None:
-            if self.chunk_size != "auto":
-                raise ValueError("ChunkwiseConfig.memory is the budget of chunk_size='auto'; set chunk_size='auto' or drop memory")
-            parse_bytes(str(self.memory), "ChunkwiseConfig.memory")
-        if self.sampling not in SAMPLERS:
-            raise ValueError(f"ChunkwiseConfig.sampling must be one of {tuple(SAMPLERS)}, got {self.sampling!r}")
+        check_engine_settings(self, names=OptionNames(owner="ChunkwiseConfig"))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"ChunkwiseConfig.seed must be an integer or None, got {self.seed!r}")
-        if self.method == "seco":
-            # These only shape SpaCO; set with SeCO they most likely mean the user wanted SpaCO.
-            for option in ("budget", "max_compensation"):
-                if getattr(self, option) is not None:
-                    raise ValueError(
-                        f"ChunkwiseConfig.{option} only applies to method='spaco' (SeCO backpropagates every "
-                        f"chunk); set method='spaco' or drop {option}"
-                    )
-            return
-        if self.budget is None:
-            raise ValueError("ChunkwiseConfig(method='spaco') needs budget: how many chunks to backpropagate per step")
-        # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1.
-        make_sampler(self.sampling, budget=self.budget, max_compensation=self.max_compensation, seed=0)
 
     def make_sampler(self, default_seed: int) -> ChunkSampler | None:
         """SpaCO's chunk sampler (None for SeCO); the trainer owns it so its state survives engine rebuilds."""

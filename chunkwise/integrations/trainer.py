@@ -45,13 +45,14 @@ SAMPLER_STATE_NAME = "chunkwise_sampler.pt"  # written into each checkpoint fold
 
 def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *, batch_size: int, seq_len: int,
                    autocast: bool, device: torch.device):
-    """The planner's step for a loaded model (`chunk_size="auto"`): the largest chunk that fits.
+    """The planner's step for a loaded model (`chunk_size="auto"`): the largest chunk that fits
+    (`chunkwise.plan.auto_chunk_plan`, the same decision `chunkwise train --chunk-size auto` makes).
 
     What trains (LoRA rank and targets, or everything) and the element sizes are read from the model's
     parameters; the budget is the device's free memory plus what the parameters, gradients and optimizer
     state already hold (the plan counts them), or `config.memory`.
     """
-    from chunkwise.plan import ModelShape, Training, device_budget, fit_chunk_size
+    from chunkwise.plan import Training, auto_chunk_plan
 
     named = list(model.named_parameters())
     trained = [p for _, p in named if p.requires_grad]
@@ -67,10 +68,9 @@ def plan_for_model(model: torch.nn.Module, optimizer, config: ChunkwiseConfig, *
     for state in getattr(optimizer, "state", {}).values():
         held.update({t.data_ptr(): t.nbytes for t in state.values() if isinstance(t, torch.Tensor)})
     memory = None if config.memory is None else parse_bytes(str(config.memory), "ChunkwiseConfig.memory")
-    budget = device_budget(device, memory=memory, held=0 if memory else sum(held.values()))
     lm = unwrap_causal_lm(model)
-    method = "seco+offload" if config.offload_kv else config.method
-    return fit_chunk_size(ModelShape.from_config(lm.config, name=type(lm).__name__), training, seq_len=seq_len, budget=budget, method=method)
+    return auto_chunk_plan(lm.config, name=type(lm).__name__, training=training, seq_len=seq_len, method=config.method,
+                           offload_kv=config.offload_kv, device=device, memory=memory, held=0 if memory else sum(held.values()))
 
 
 # ----- options that cannot work chunk-wise ----------------------------------------------------------

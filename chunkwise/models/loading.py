@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, _tiny_config, build_tiny_model
+from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, build_tiny_model, tiny_config
 from chunkwise.models.quantize import NO_QUANTIZATION, Quantization
 
 
@@ -80,7 +80,7 @@ def load_model_config(name_or_path: str):
         ValueError: a folder without a config, or a config that cannot be read; the message says which.
     """
     if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
-        return _tiny_config(name_or_path)
+        return tiny_config(name_or_path)
     from transformers import AutoConfig
 
     local = _local_model_path(name_or_path)

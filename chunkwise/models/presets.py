@@ -1,4 +1,5 @@
-"""Models built from configs, nothing downloaded: tiny presets for tests and trying things out, the demo's model.
+"""Models built from configs, nothing downloaded: tiny presets for tests and trying things out, the demo's model,
+and the benchmark's Llama-shaped models (`BENCH_MODELS`, built by `chunkwise bench`).
 
 Each tiny preset keeps the architecture's distinguishing feature (GQA, sliding window, q/k norms,
 alternating local/global layers) at toy size.
@@ -21,7 +22,7 @@ _TINY_COMMON = dict(
 )
 
 
-def _tiny_config(preset: str):
+def tiny_config(preset: str):
     """Build the config of a tiny preset; imports are local so unused architectures cost nothing."""
     if preset == "tiny-llama":
         from transformers import LlamaConfig
@@ -94,8 +95,48 @@ def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: i
     """
     from transformers import AutoModelForCausalLM
 
-    config = _tiny_config(preset)
+    config = tiny_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.to(dtype)
+
+
+# ----- benchmark models (`chunkwise bench`, the GPU suite, docs/plan_validation.py) ------------------------
+# Llama-shaped configs with random weights: nothing is downloaded, and a step costs the same whatever the
+# weights are. Parameter counts are for untied embeddings unless tie_word_embeddings says otherwise.
+
+_LLAMA_COMMON = dict(max_position_embeddings=131072, tie_word_embeddings=False)
+BENCH_MODELS: dict[str, dict] = {
+    # `--quick`: ~0.9M parameters, so that the whole quick run and the tests take seconds per case.
+    "quick": dict(
+        vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, **_LLAMA_COMMON,
+    ),
+    # The CPU default: 55,976,448 parameters (32.8M of them in the untied embedding and LM head).
+    "llama-56m": dict(
+        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, **_LLAMA_COMMON,
+    ),
+    # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), without its llama3 RoPE scaling, which
+    # changes the frequencies but not the cost.
+    "llama-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+        **{**_LLAMA_COMMON, "tie_word_embeddings": True},
+    ),
+    # Llama-3.1-8B's shape (8.03B parameters), for a GPU.
+    "llama-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, **_LLAMA_COMMON,
+    ),
+}
+
+
+def bench_config(name: str):
+    """The `LlamaConfig` of the `BENCH_MODELS` entry `name`."""
+    from transformers import LlamaConfig
+
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    return LlamaConfig(**BENCH_MODELS[name])

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, build_case_model, build_model, measure_case
+from chunkwise.tools.bench.case import RESULT_MARKER, BenchCase
+from chunkwise.tools.bench.measure import build_case_model, build_model, measure_case
 from chunkwise.utils.memory import is_out_of_memory
 
 
@@ -52,7 +53,7 @@ def _cached_model(case: BenchCase, device: torch.device) -> torch.nn.Module:
 
 
 def _speed_job(params: dict) -> dict:
-    """Measure one bench case (see `chunkwise.tools.bench.runner.measure_case`) on a model built once for the cases sharing it."""
+    """Measure one bench case (see `chunkwise.tools.bench.measure.measure_case`) on a model built once for the cases sharing it."""
     result = measure_case(BenchCase(**params["case"]), build=_cached_model)
     _free(torch.device(result.case.device))
     return _emit(result.status, result=result.to_dict(), error=result.error)
@@ -75,7 +76,7 @@ def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 def _attention_job(params: dict) -> dict:
     """Errors against float64 math attention, and forward+backward times, per kernel and dtype."""
     from chunkwise.attention import kernels
-    from chunkwise.attention.chunk import _BlockedAttention, _key_block, causal_chunk_attention, split_attention
+    from chunkwise.attention.chunk import blocked_attention, causal_chunk_attention, split_attention
 
     started = time.perf_counter()
     device = torch.device(params["device"])
@@ -93,7 +94,7 @@ def _attention_job(params: dict) -> dict:
 
     candidates = {k.name: (lambda k: lambda q, kk, v, s: split_attention(q, kk, v, s, k))(k)
                   for k in kernels.KERNELS if k.device_type == device.type}
-    candidates["blocked"] = lambda q, k, v, s: _BlockedAttention.apply(q, k, v, s, _key_block(q))
+    candidates["blocked"] = blocked_attention
     candidates["sdpa"] = sdpa
     candidates["engine"] = causal_chunk_attention
     rows = []

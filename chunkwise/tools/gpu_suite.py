@@ -45,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-from chunkwise.tools.bench.runner import RESULT_MARKER, BenchCase, child_environment, describe_machine
+from chunkwise.tools.bench.case import RESULT_MARKER, BenchCase
+from chunkwise.tools.bench.runner import child_environment, describe_machine
 from chunkwise.tools.gpu_jobs import child_main, not_run, note
 from chunkwise.utils.memory import MiB
 

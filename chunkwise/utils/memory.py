@@ -7,6 +7,7 @@ Every size chunkwise prints goes through `format_bytes`; every size it reads fro
 from __future__ import annotations
 
 import os
+import re
 import resource
 from collections.abc import Callable
 
@@ -23,20 +24,16 @@ _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_bytes(text: str, option: str) -> int:
-    """`1073741824`, `1024M`, `1GiB`, `1.5G` -> bytes (binary units)."""
-    import re
-
+    """`1073741824`, `1024M`, `1GiB`, `1.5G` -> bytes (binary units); `option` names the setting in the error."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), flags=re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"{option} must be a positive number of bytes such as 2147483648, 2048M or 2GiB; got {text!r}")
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).upper()])
 
 
-
 def format_bytes(count: int) -> str:
     """Bytes as GiB with two decimals, or MiB below 0.1 GiB."""
     return f"{count / GiB:.2f} GiB" if count >= GiB / 10 else f"{count / MiB:.1f} MiB"
-
 
 
 # ----- what is free, what was used ---------------------------------------------------------------------
@@ -48,12 +45,9 @@ def host_available_memory() -> int:
     On a CPU this is the planner's "free memory": what the process can still take without swapping,
     page cache included. torchrun's LOCAL_WORLD_SIZE processes share it, so each gets its part.
     """
-    import os
-
     import psutil
 
     return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -61,7 +55,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
 
 
 # ----- meters with a resettable peak (the benchmark's, the probes') -------------------------------------
@@ -151,8 +144,6 @@ def limit_memory(device: torch.device, extra_bytes: int | None) -> Callable[[], 
         fraction = min(1.0, (torch.cuda.memory_allocated(device) + extra_bytes) / total)
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         return lambda: torch.cuda.set_per_process_memory_fraction(1.0, device)
-
-    import resource
 
     if extra_bytes is None:
         extra_bytes = int(0.9 * _available_memory())  # a guard for the machine, not a budget

@@ -79,7 +79,7 @@ def run_rank(mode: str, model_name: str, seq_len: int, chunk_size: int, output: 
 
     from chunkwise import SeCO
     from chunkwise.recipes.train import distributed as data_parallel
-    from chunkwise.tools.bench.runner import build_model
+    from chunkwise.tools.bench.measure import build_model
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

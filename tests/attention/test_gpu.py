@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from reference import full_backward, max_relative_error, trainable_grads
-from test_attention import make_ids
+from tiny_models import random_ids
 
 import chunkwise.attention.chunk as attention
 import chunkwise.attention.kernels as kernels
@@ -58,7 +58,7 @@ def test_the_self_check_leaves_the_cuda_rng_alone(monkeypatch):
 def test_streamed_offload_changes_no_bit_on_cuda(monkeypatch, dtype):
     monkeypatch.setattr(attention, "PAST_BLOCK", 3)  # every chunk's past cut in blocks: the streams busy
     model = build_tiny_model("tiny-llama", dtype=dtype).to(CUDA)
-    input_ids = make_ids().to(CUDA)
+    input_ids = random_ids(2).to(CUDA)
     grads = []
     for offload in (False, True):
         model.zero_grad(set_to_none=True)
@@ -68,7 +68,7 @@ def test_streamed_offload_changes_no_bit_on_cuda(monkeypatch, dtype):
 
 
 def test_bf16_cache_under_autocast_on_cuda():
-    input_ids = torch.randint(0, 128, (2, 192), generator=torch.Generator().manual_seed(0))
+    input_ids = random_ids(2, 192)
     _, truth = full_backward(build_tiny_model("tiny-llama", dtype=torch.float64), input_ids)
     model = build_tiny_model("tiny-llama", dtype=torch.float32).to(CUDA)
     input_ids = input_ids.to(CUDA)

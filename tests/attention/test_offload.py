@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import trainable_grads
-from test_attention import make_ids
+from tiny_models import random_ids
 
 import chunkwise.attention.chunk as attention
 from chunkwise import SeCO, SpaCO
@@ -85,7 +85,7 @@ def test_streamed_offload_changes_no_bit(streamed, engine):
         make = lambda offload: SeCO(model, chunk_size=4, offload_kv=offload)  # noqa: E731
     else:
         make = lambda offload: SpaCO(model, chunk_size=4, budget=3, seed=1, offload_kv=offload)  # noqa: E731
-    (loss, grads), (offload_loss, offload_grads) = grads_with_and_without_offload(make, model, make_ids())
+    (loss, grads), (offload_loss, offload_grads) = grads_with_and_without_offload(make, model, random_ids(2))
     assert streamed  # the streamed path ran
     assert torch.equal(loss, offload_loss)
     assert all(torch.equal(offload_grads[name], grads[name]) for name in grads)
@@ -97,9 +97,9 @@ def test_streamed_and_fallback_layers_mix_in_one_step(streamed):
     model = build_tiny_model("tiny-llama", dtype=torch.float64)
     mask = torch.ones(2, 29, dtype=torch.long)
     mask[1, 12:] = 0
-    labels = make_ids().masked_fill(mask == 0, -100)
+    labels = random_ids(2).masked_fill(mask == 0, -100)
     make = lambda offload: SeCO(model, chunk_size=5, offload_kv=offload)  # noqa: E731
-    results = grads_with_and_without_offload(make, model, make_ids(), labels=labels, attention_mask=mask)
+    results = grads_with_and_without_offload(make, model, random_ids(2), labels=labels, attention_mask=mask)
     (loss, grads), (offload_loss, offload_grads) = results
     assert streamed
     assert torch.equal(loss, offload_loss)

@@ -56,3 +56,45 @@ def test_console_script_is_installed():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
+
+
+def test_train_help_describes_every_setting_from_its_docstring(capsys, monkeypatch):
+    """`chunkwise train`'s options are TrainConfig's fields: one option per field, its docstring the help."""
+    import dataclasses
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside words such as micro-batch
+
+    from chunkwise.cli.options import field_docs, option_name
+    from chunkwise.recipes.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = option_name("no_" + field.name) if field.default is True else option_name(field.name)
+        assert flag in help_text, flag
+        assert " ".join(docs[field.name].split()[:6]) in help_text, field.name
+
+
+@pytest.mark.parametrize("option, value", [("attention", "flash"), ("method", "sgd"), ("sampling", "random"), ("dtype", "int8")])
+def test_train_options_are_checked_by_the_config_with_the_option_name(capsys, tmp_path, option, value):
+    assert main(["train", f"--{option}", value, "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--{option} must be one of" in err and repr(value) in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_engine_checks_name_the_python_setting_or_the_option():
+    """One check serves ChunkwiseConfig and TrainConfig; each names the setting as its user wrote it."""
+    from chunkwise import ChunkwiseConfig
+    from chunkwise.recipes.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^ChunkwiseConfig\.attention must be one of chunkwise, model, got 'flash'$"):
+        ChunkwiseConfig(attention="flash")
+    with pytest.raises(ValueError, match=r"^--attention must be one of chunkwise, model, got 'flash'$"):
+        TrainConfig(attention="flash").resolved()
+    with pytest.raises(ValueError, match=r"^ChunkwiseConfig\.budget only applies to method='spaco'"):
+        ChunkwiseConfig(budget=2)
+    with pytest.raises(ValueError, match=r"^--budget only applies to --method spaco"):
+        TrainConfig(budget=2).resolved()

@@ -10,6 +10,7 @@ gradient gives errors of order 1. The bound 2.0 sits well outside that spread.
 import pytest
 import torch
 from reference import bf16_autocast_errors, float64_truth, full_backward, max_relative_error, trainable_grads
+from tiny_models import random_ids
 
 from chunkwise import SeCO
 from chunkwise.models.presets import build_tiny_model
@@ -17,7 +18,7 @@ from chunkwise.models.presets import build_tiny_model
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_autocast_matches_full_backprop_accuracy(seed):
-    input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(seed))
+    input_ids = random_ids(2, 48, seed=seed)
     full_error, seco_error, out = bf16_autocast_errors(input_ids, seed=seed, chunk_size=8)
     assert seco_error < 0.05, f"SeCO bf16 gradient error {seco_error:.3g} is not bf16 rounding"
     assert seco_error <= 2.0 * full_error, f"SeCO error {seco_error:.3g} vs full backprop {full_error:.3g}"
@@ -48,7 +49,7 @@ def caches(monkeypatch):
 
 def test_the_cache_keeps_kv_and_its_gradient_in_the_autocast_dtype(caches):
     model = build_tiny_model("tiny-llama", dtype=torch.float32)
-    input_ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    input_ids = random_ids(2, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         SeCO(model, chunk_size=8).backward(input_ids)
     (cache,) = caches
@@ -60,7 +61,7 @@ def test_the_cache_keeps_kv_and_its_gradient_in_the_autocast_dtype(caches):
 
 
 def test_bf16_cache_error_over_many_chunks_and_offload_changes_no_bit():
-    seed, input_ids = 0, torch.randint(0, 128, (2, 192), generator=torch.Generator().manual_seed(0))
+    seed, input_ids = 0, random_ids(2, 192)
     truth = float64_truth("tiny-llama", input_ids, seed=seed)
     model = build_tiny_model("tiny-llama", dtype=torch.float32, seed=seed)
     grads = []

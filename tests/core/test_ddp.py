@@ -9,6 +9,7 @@ gradients computed in one process, and counts the all-reduce calls with a DDP co
 import pytest
 import torch
 from multirank import assert_launch_succeeded, run_launcher, run_ranks, torchrun
+from tiny_models import random_ids
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,7 +20,7 @@ WORLD, SEQ, CHUNK = 2, 21, 4  # 6 chunks per sequence
 
 
 def rank_batch(rank: int, step: int) -> torch.Tensor:
-    return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 * step + rank))
+    return random_ids(1, SEQ, seed=100 * step + rank)
 
 
 def worker(rank: int) -> dict:

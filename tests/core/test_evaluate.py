@@ -34,4 +34,9 @@ def test_chunked_scores_equal_a_full_forward(preset, chunk_size):
     scores = score_batch(inspect_causal_lm(model), batch, chunk_size=chunk_size)
     assert targets == 32 + 29  # row 0: labels 5..36; row 1: labels 1..29
     assert scores.num_targets == targets and scores.num_correct == correct
+    # float64 both ways; Gemma 3 rounds its RMSNorms to float32 (see test_seco_exactness.GEMMA_F64_TOL): per token
+    # the norm sees the same input up to float64 rounding, so its float32 output differs only where that crosses a
+    # float32 rounding boundary (2u = 1.2e-7 relative on that element). No float32 sum over tokens enters a no-grad
+    # loss sum (chunk_loss_sum is float64), so the loss sum moves by ~u per flipped element, relative: 1e-6 leaves
+    # 16 flips' worth (measured below 1e-12 on these seeds). A lost chunk moves it by >= 1/6 of the sum.
     assert scores.loss_sum == pytest.approx(loss_sum, rel=1e-6 if preset == "tiny-gemma3" else 1e-12)

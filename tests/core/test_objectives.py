@@ -19,14 +19,12 @@ What is checked (float64, 1e-10 relative):
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import loss_and_gradients, max_relative_error, trainable_grads
-from test_seco_exactness import lora_model
-from test_spaco import FixedSelection, _norms_in_model_dtype, expected_gradient
+from reference import engine_backward, loss_and_gradients, max_relative_error, trainable_grads
+from spaco_reference import FixedSelection, bernoulli_selections, expected_gradient
+from tiny_models import lora_model, norms_in_model_dtype
 
 from chunkwise import SeCO, SpaCO
 from chunkwise.core.objectives import DPO, GRPO, IPO, CrossEntropy, SimPO, TokenLoss
@@ -262,18 +260,10 @@ K = 4  # chunks of 6 tokens over the 22-token rows below (the last one ragged)
 CHUNK = 6
 
 
-def bernoulli_selections(budget):
-    """Every selection of the K chunks with its probability when each is kept with q = budget / K."""
-    q = budget / K
-    for size in range(K + 1):
-        for chunks in itertools.combinations(range(K), size):
-            yield chunks, q**size * (1 - q) ** (K - size)
-
-
 @pytest.fixture(scope="module")
 def spaco_setup():
     """A float64-throughout model (see test_spaco), a 22-token paired batch, and the objectives."""
-    model = _norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
+    model = norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
     ids, mask, labels = _rows([7, 5, 7, 5], [15, 17, 12, 9], torch.Generator().manual_seed(5))
     ids[2, :7], ids[3, :5] = ids[0, :7], ids[1, :5]
     advantages = torch.tensor([0.9, -1.1, 0.3, 0.5], dtype=torch.float64)
@@ -290,9 +280,7 @@ def spaco_setup():
 
 def _step(model, engine, batch, objective):
     ids, mask, labels = batch
-    model.zero_grad(set_to_none=True)
-    out = engine.backward(ids, labels=labels, attention_mask=mask, objective=objective)
-    return out, trainable_grads(model)
+    return engine_backward(model, engine, ids, labels=labels, attention_mask=mask, objective=objective)
 
 
 @pytest.mark.parametrize("name", ["grpo", "dpo"])
@@ -321,7 +309,7 @@ def test_spaco_bernoulli_expectation_is_seco(spaco_setup, name):
             assert abs(out.loss.item() - seco_out.loss.item()) <= TOL * abs(seco_out.loss.item())
         return grads
 
-    mean = expected_gradient(gradient, bernoulli_selections(budget))
+    mean = expected_gradient(gradient, bernoulli_selections(K, budget))
     # Measured: ~1e-15 (float64 rounding); a wrong compensation or relay is off by O(1).
     assert max_relative_error(mean, exact) < TOL
 

@@ -24,23 +24,33 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from reference import chunk_by_chunk_backward, full_backward, max_relative_error, trainable_grads
+from reference import chunk_by_chunk_backward, engine_backward, full_backward, max_relative_error, trainable_grads
+from tiny_models import SEQ_LEN, lora_model, random_ids
 from transformers import AutoModelForCausalLM
 
 from chunkwise import SeCO
 from chunkwise.models.presets import TINY_PRESETS, build_tiny_model
 
-SEQ_LEN = 29  # ragged for chunk size 5 (last chunk has 4 tokens)
-VOCAB = 128
-
 F64_TOL = 1e-10
-# Gemma 3 computes its RMSNorms (and rotary tables) in float32 even inside a float64 model, so chunked
-# and full passes differ by float32 rounding there. Measured chunk-vs-full: 1.3e-7..1.4e-7 (chunk 1
-# and 5, plain and padded batches); 1e-5 leaves a ~70x margin and still sits far below any real error.
+# Gemma 3 computes its RMSNorms (and rotary tables) in float32 even inside a float64 model (transformers'
+# Gemma3RMSNorm: `_norm(x.float()) * (1 + weight.float())`). Derivation (u = 2^-24): per token, chunked and full
+# passes hand the norm the same input up to float64 rounding (~1e-16), so its float32 output and input gradient are
+# the same bits except where a float64 difference crosses a float32 rounding boundary (probability ~1e-16/u per
+# element, 2u when it does). What differs systematically is each norm weight's gradient, a float32 sum over the
+# tokens of one call: n = 58 tokens at most (2 x 29) in the full pass, a chunk's in SeCO; two orders of a float32
+# sum of n terms differ by at most 2(n - 1)u sum_t |g_t| = 6.8e-6 x kappa of the tensor's largest entry, kappa =
+# sum_t |g_t| / |sum_t g_t| (the terms' signs vary over tokens). Measured chunk-vs-full: 1.3e-7..1.4e-7 (chunk 1
+# and 5, plain and padded batches), i.e. kappa_eff ~0.02 against the worst-case order. 1e-5 admits the worst case
+# for kappa <= 1.5 only; kappa is not measured here, and the measured errors sit 70x below. A real error (a lost
+# chunk, a wrong normaliser, a missing factor) is >= 1e-1.
 GEMMA_F64_TOL = 1e-5
-# float32 SeCO vs float32 full backprop. Measured worst over all presets, chunk sizes 1 and 5:
-# gradients 8.7e-7, loss 2.0e-7. Bound ~10x the worst.
+# float32 SeCO vs float32 full backprop (both PyTorch float32 arithmetic on the same weights). Derivation: the
+# loss is a float32 sum of n <= 58 token losses l_t ~ log V = 4.85 of a float32 log-softmax over V = 128
+# (`reference.float32_log_softmax_error`: <= 150u ~ 9e-6 each, i.e. 1.9e-6 relative) in another grouping (per chunk,
+# then across chunks): relative <= 2 (1.9e-6 + (n - 1)u) ~ 1e-5 in the worst case. Gradients: per-token seeds with
+# that relative error, and every weight gradient a float32 sum over the tokens in another order (2(n - 1)u kappa).
+# Measured worst over all presets, chunk sizes 1 and 5: gradients 8.7e-7, loss 2.0e-7, a tenth of these
+# worst-case bounds; 1e-5 sits at them. A real error is >= 1e-1.
 F32_TOL = 1e-5
 # bfloat16 (bf16 weights, no autocast), each gradient's error against the float64 gradient of the same
 # weights. Measured over seeds 0-9 for tiny-llama/qwen3/mistral/gemma3 (2 x 32 tokens, chunk 5):
@@ -54,15 +64,9 @@ def f64_tol(preset: str) -> float:
     return GEMMA_F64_TOL if preset == "tiny-gemma3" else F64_TOL
 
 
-def make_ids(batch: int = 1, seq_len: int = SEQ_LEN, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
 def seco_backward(model, chunk_size, input_ids, **kwargs):
     """Fresh gradients from one SeCO backward: returns (output, grads)."""
-    model.zero_grad(set_to_none=True)
-    out = SeCO(model, chunk_size=chunk_size).backward(input_ids, **kwargs)
-    return out, trainable_grads(model)
+    return engine_backward(model, SeCO(model, chunk_size=chunk_size), input_ids, **kwargs)
 
 
 def assert_matches(loss, grads, ref_loss, ref_grads, tol, what=""):
@@ -73,30 +77,33 @@ def assert_matches(loss, grads, ref_loss, ref_grads, tol, what=""):
     assert grad_error <= tol, f"{what}: max relative gradient error {grad_error:.3g} > {tol:g}"
 
 
-def lora_model(preset: str, *, dropout: float = 0.0, seed: int = 0):
-    """A float64 LoRA model with non-zero lora_B (peft initialises it to zero: gradients would be trivial)."""
-    base = build_tiny_model(preset, dtype=torch.float64, seed=seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout)
-    model = get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
-    return model
+# ----- 1. float64 and float32: SeCO == full backprop, every family ----------------------------------------
+
+# Each dtype's chunk sizes and tolerance: float64 every kind of chunk size (one token, ragged, = and > the
+# sequence) at f64_tol; float32 one token and ragged at F32_TOL.
+DTYPE_CASES = {
+    "float64-chunk1": (torch.float64, 1),
+    "float64-ragged5": (torch.float64, 5),
+    "float64-chunk=len": (torch.float64, SEQ_LEN),
+    "float64-chunk>len": (torch.float64, 64),
+    "float32-chunk1": (torch.float32, 1),
+    "float32-ragged5": (torch.float32, 5),
+}
 
 
-# ----- 1. float64: SeCO == full backprop, every family, every kind of chunk size -----------------------
+def dtype_tol(dtype: torch.dtype, preset: str) -> float:
+    return f64_tol(preset) if dtype == torch.float64 else F32_TOL
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, SEQ_LEN, 64], ids=["chunk1", "ragged5", "chunk=len", "chunk>len"])
+@pytest.mark.parametrize("dtype, chunk_size", list(DTYPE_CASES.values()), ids=list(DTYPE_CASES))
 @pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_float64_matches_full_backprop(preset, chunk_size):
-    model = build_tiny_model(preset, dtype=torch.float64)
-    input_ids = make_ids()
+def test_matches_full_backprop(preset, dtype, chunk_size):
+    model = build_tiny_model(preset, dtype=dtype)
+    input_ids = random_ids()
     ref_loss, ref_grads = full_backward(model, input_ids)
     out, grads = seco_backward(model, chunk_size, input_ids)
-    assert_matches(out.loss, grads, ref_loss, ref_grads, f64_tol(preset), f"{preset} chunk {chunk_size}")
+    assert out.loss.dtype == dtype
+    assert_matches(out.loss, grads, ref_loss, ref_grads, dtype_tol(dtype, preset), f"{dtype} {preset} chunk {chunk_size}")
 
 
 # ----- 2. the conditions for exactness ---------------------------------------------------------------
@@ -112,7 +119,7 @@ def test_padded_batch_with_default_labels(preset):
     that the default labels drop padded targets.
     """
     model = build_tiny_model(preset, dtype=torch.float64)
-    input_ids = make_ids(batch=2, seed=1)
+    input_ids = random_ids(batch=2, seed=1)
     mask = torch.ones_like(input_ids)
     mask[1, 17:] = 0  # row 2 has 17 real tokens: its padding covers more than two chunks of 5
     input_ids[1, 17:] = 0  # what a tokenizer's pad id would put there
@@ -139,7 +146,7 @@ LABEL_SPANS = {
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral", "tiny-gemma3"])
 def test_ignored_label_spans(preset, spans):
     model = build_tiny_model(preset, dtype=torch.float64)
-    input_ids = make_ids(seed=2)
+    input_ids = random_ids(seed=2)
     labels = input_ids.clone()
     for start, end in spans:
         labels[:, start:end] = -100
@@ -153,7 +160,7 @@ def test_ignored_label_spans(preset, spans):
 def test_num_items_normalisation(num_items):
     """A caller-given normaliser (HF Trainer's num_items_in_batch) replaces the batch's target count."""
     model = build_tiny_model("tiny-qwen2", dtype=torch.float64)
-    input_ids = make_ids(batch=2, seed=3)
+    input_ids = random_ids(batch=2, seed=3)
     labels = input_ids.clone()
     labels[0, 4:12] = -100
     ref_loss, ref_grads = full_backward(model, input_ids, labels=labels, num_items=num_items)
@@ -167,8 +174,8 @@ def test_num_items_normalisation(num_items):
 def test_gradients_accumulate_across_calls():
     """Two backward calls without zero_grad leave the sum of the two batches' gradients, like loss.backward()."""
     model = build_tiny_model("tiny-mistral", dtype=torch.float64)
-    first = make_ids(batch=1, seq_len=SEQ_LEN, seed=4)
-    second = make_ids(batch=2, seq_len=23, seed=5)
+    first = random_ids(batch=1, seq_len=SEQ_LEN, seed=4)
+    second = random_ids(batch=2, seq_len=23, seed=5)
     _, ref_first = full_backward(model, first)
     _, ref_second = full_backward(model, second)
     expected = {name: ref_first[name] + ref_second[name] for name in ref_first}
@@ -186,7 +193,7 @@ def test_gradients_accumulate_across_calls():
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_lora_matches_full_backprop(preset):
     model = lora_model(preset)
-    input_ids = make_ids(batch=2, seed=6)
+    input_ids = random_ids(batch=2, seed=6)
     ref_loss, ref_grads = full_backward(model, input_ids)
     assert ref_grads and all(("lora_A" in n or "lora_B" in n) for n in ref_grads), "only LoRA weights train"
     assert all(g.abs().max() > 0 for g in ref_grads.values()), "every LoRA weight must get a non-zero gradient"
@@ -199,7 +206,7 @@ def test_lora_dropout_redraws_the_same_masks(preset):
     """Dropout active: SeCO equals backprop through the chunk-by-chunk forward with the same seed."""
     model = lora_model(preset, dropout=0.3)
     model.train()
-    input_ids = make_ids(seed=7)
+    input_ids = random_ids(seed=7)
 
     torch.manual_seed(123)
     ref_loss, ref_grads = chunk_by_chunk_backward(model, input_ids, chunk_size=5)
@@ -226,7 +233,7 @@ def test_sliding_window_changes_the_result():
     unwindowed = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
     unwindowed.load_state_dict(model.state_dict())
 
-    input_ids = make_ids()
+    input_ids = random_ids()
     loss, grads = full_backward(model, input_ids)
     loss_nowin, grads_nowin = full_backward(unwindowed, input_ids)
     # Measured: loss 4.8848 vs 4.8750 (relative 2e-3); gradients differ by a relative 1.28.
@@ -237,28 +244,14 @@ def test_sliding_window_changes_the_result():
     assert_matches(out.loss, seco_grads, loss, grads, F64_TOL, "windowed Mistral")
 
 
-# ----- 4. float32 --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("chunk_size", [1, 5])
-@pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_float32_matches_full_backprop(preset, chunk_size):
-    model = build_tiny_model(preset, dtype=torch.float32)
-    input_ids = make_ids()
-    ref_loss, ref_grads = full_backward(model, input_ids)
-    out, grads = seco_backward(model, chunk_size, input_ids)
-    assert out.loss.dtype == torch.float32
-    assert_matches(out.loss, grads, ref_loss, ref_grads, F32_TOL, f"float32 {preset} chunk {chunk_size}")
-
-
-# ----- 5. bfloat16 -------------------------------------------------------------------------------------
+# ----- 4. bfloat16 -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral", "tiny-gemma3"])
 def test_bfloat16_is_as_accurate_as_full_backprop(preset, seed):
     model = build_tiny_model(preset, dtype=torch.bfloat16, seed=seed)
-    input_ids = make_ids(batch=2, seq_len=32, seed=seed)
+    input_ids = random_ids(batch=2, seq_len=32, seed=seed)
     _, truth = full_backward(copy.deepcopy(model).to(torch.float64), input_ids)  # same bf16 weights, exact math
 
     _, full = full_backward(model, input_ids)
@@ -271,13 +264,13 @@ def test_bfloat16_is_as_accurate_as_full_backprop(preset, seed):
     )
 
 
-# ----- 6. the loss convention is transformers' -----------------------------------------------------------
+# ----- 5. the loss convention is transformers' -----------------------------------------------------------
 
 
 def test_loss_matches_transformers_loss():
     """Shift, -100 and normalisation are transformers' (its loss upcasts to float32: compare in float32)."""
     model = build_tiny_model("tiny-llama", dtype=torch.float32)
-    input_ids = make_ids(batch=2, seed=8)
+    input_ids = random_ids(batch=2, seed=8)
     labels = input_ids.clone()
     labels[0, 3:9] = -100
     labels[1, 20:] = -100
@@ -297,13 +290,13 @@ def test_loss_matches_transformers_loss():
     assert not torch.isclose(hf_sum_loss, hf_loss.detach(), rtol=1e-3)  # num_items really changed it
 
 
-# ----- 7. the returned object, and the RNG -------------------------------------------------------------------
+# ----- 6. the returned object, and the RNG -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, SEQ_LEN, 64])
 def test_output_reports_the_run(chunk_size):
     model = build_tiny_model("tiny-qwen3", dtype=torch.float32)
-    input_ids = make_ids(batch=2, seed=9)
+    input_ids = random_ids(batch=2, seed=9)
     mask = torch.ones_like(input_ids)
     mask[1, 20:] = 0
     labels = input_ids.masked_fill(mask == 0, -100)
@@ -323,7 +316,7 @@ def test_global_rng_after_backward_is_deterministic():
     """With dropout drawing from the global RNG, identical runs leave identical RNG states (and gradients)."""
     model = lora_model("tiny-llama", dropout=0.3)
     model.train()
-    input_ids = make_ids(seed=10)
+    input_ids = random_ids(seed=10)
     states, grads = [], []
     for _ in range(2):
         torch.manual_seed(7)

@@ -14,7 +14,8 @@ written for half-precision models), so a "float64" tiny Llama still rounds to fl
 norm, forward and backward. SeCO vs full backprop is unaffected (the same per-token rounding happens in
 both), but compensation multiplies the gradients flowing through the norms by k/t, and float32
 rounding of 3·x is not 3·(rounding of x): the enumerated E[g_hat] then differs from the true gradient
-by ~1e-7 relative (measured max_relative_error 1.2e-7), which would hide the 1e-10 claim. `_norms_in_model_dtype` makes the norms compute
+by ~1e-7 relative (measured max_relative_error 1.2e-7), which would hide the 1e-10 claim. `norms_in_model_dtype`
+(tests/tiny_models.py) makes the norms compute
 in the model's dtype (same formula), so the model is float64 throughout and exact identities hold to
 ~1e-15.
 """
@@ -22,70 +23,24 @@ in the model's dtype (same formula), so the model is float64 throughout and exac
 from __future__ import annotations
 
 import io
-import itertools
 import math
-import types
 
 import pytest
 import torch
-from reference import max_relative_error, trainable_grads
-from transformers import DynamicCache
+from reference import chunk_by_chunk_backward, engine_backward, flat, max_relative_error, relative_l2, trainable_grads
+from spaco_reference import FixedSelection, bernoulli_selections, expected_gradient, uniform_selections
+from tiny_models import norms_in_model_dtype, random_ids
 
 from chunkwise import BernoulliSampler, ChunkSampler, SeCO, SpaCO, UniformSampler
 from chunkwise.core.loss import chunk_loss_sum, shift_labels
 from chunkwise.models.presets import build_tiny_model
 
-VOCAB = 128
 CHUNK = 4
 SEQ = 22  # 6 chunks, the last one ragged (2 tokens)
 K = 6
 
 
 # ----- helpers ----------------------------------------------------------------------------------------
-
-
-def _rms_norm_in_model_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def _norms_in_model_dtype(model):
-    """Make every RMSNorm compute in the model's dtype instead of float32 (see the module docstring)."""
-    patched = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rms_norm_in_model_dtype, module)
-            patched += 1
-    assert patched > 0
-    return model
-
-
-class FixedSelection(ChunkSampler):
-    """Always selects `chunks`. The factor is the base class's: k / budget, capped by max_compensation."""
-
-    name = "fixed"
-
-    def __init__(self, chunks, *, budget, max_compensation=None):
-        super().__init__(budget=budget, max_compensation=max_compensation)
-        self.chunks = tuple(chunks)
-
-    def _draw(self, num_chunks):
-        return self.chunks
-
-
-def run(model, engine, input_ids, **kwargs):
-    """One engine step from zero gradients: (output, copies of every trainable gradient)."""
-    model.zero_grad(set_to_none=True)
-    out = engine.backward(input_ids, **kwargs)
-    return out, trainable_grads(model)
-
-
-def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads.values()])
-
-
-def relative_l2(estimate: dict, reference: dict) -> float:
-    return ((flat(estimate) - flat(reference)).norm() / flat(reference).norm()).item()
 
 
 def assert_identical(grads: dict, reference: dict) -> None:
@@ -99,18 +54,18 @@ def assert_identical(grads: dict, reference: dict) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    return _norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
+    return norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
 
 
 @pytest.fixture(scope="module")
 def input_ids():
-    return torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    return random_ids(1, SEQ)
 
 
 @pytest.fixture(scope="module")
 def seco(model, input_ids):
     """The exact gradient: (output, grads) of SeCO on `input_ids`."""
-    return run(model, SeCO(model, chunk_size=CHUNK), input_ids)
+    return engine_backward(model, SeCO(model, chunk_size=CHUNK), input_ids)
 
 
 # ----- 1. budget >= k is SeCO -------------------------------------------------------------------------
@@ -121,7 +76,7 @@ def seco(model, input_ids):
 def test_full_budget_is_seco_exactly(model, input_ids, seco, sampling, budget, max_compensation):
     seco_out, seco_grads = seco
     engine = SpaCO(model, chunk_size=CHUNK, budget=budget, sampling=sampling, max_compensation=max_compensation)
-    out, grads = run(model, engine, input_ids)
+    out, grads = engine_backward(model, engine, input_ids)
     assert out.selected == tuple(range(K))
     assert out.compensation == 1.0
     assert out.num_chunks == K
@@ -136,7 +91,7 @@ def test_uniform_selects_exactly_budget_chunks(model, input_ids):
     budget, draws = 2, 3000
     engine = SpaCO(model, chunk_size=CHUNK, budget=budget, sampling="uniform", seed=0)
     for _ in range(10):  # through the engine ...
-        out, _ = run(model, engine, input_ids)
+        out, _ = engine_backward(model, engine, input_ids)
         assert len(out.selected) == budget and out.compensation == K / budget
 
     sampler = UniformSampler(budget=budget, seed=0)  # ... and many draws from the sampler
@@ -161,7 +116,7 @@ def test_uniform_selects_exactly_budget_chunks(model, input_ids):
 @pytest.mark.parametrize("max_compensation, expected", [(None, 3.0), (2.0, 2.0), (3.0, 3.0), (10.0, 3.0), (1.0, 1.0)])
 def test_compensation_is_k_over_budget_capped(model, input_ids, sampling, max_compensation, expected):
     engine = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, max_compensation=max_compensation)
-    out, _ = run(model, engine, input_ids)
+    out, _ = engine_backward(model, engine, input_ids)
     assert out.compensation == expected  # k / budget = 6 / 2 = 3
 
 
@@ -192,8 +147,8 @@ def test_same_seed_same_selections_and_gradients(model, input_ids, sampling):
     a = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=7)
     b = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=7)
     for _ in range(4):
-        out_a, grads_a = run(model, a, input_ids)
-        out_b, grads_b = run(model, b, input_ids)
+        out_a, grads_a = engine_backward(model, a, input_ids)
+        out_b, grads_b = engine_backward(model, b, input_ids)
         assert out_a.selected == out_b.selected
         assert torch.equal(out_a.loss, out_b.loss)
         assert_identical(grads_a, grads_b)
@@ -204,7 +159,7 @@ def test_different_seed_different_selections(model, input_ids, sampling):
     selections = []
     for seed in (0, 1):
         engine = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=seed)
-        selections.append([run(model, engine, input_ids)[0].selected for _ in range(5)])
+        selections.append([engine_backward(model, engine, input_ids)[0].selected for _ in range(5)])
     assert selections[0] != selections[1]
 
 
@@ -215,7 +170,7 @@ def test_selection_ignores_and_preserves_global_rng(model, input_ids):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(global_seed)
             before = torch.get_rng_state()
-            selections.append([run(model, engine, input_ids)[0].selected for _ in range(3)])
+            selections.append([engine_backward(model, engine, input_ids)[0].selected for _ in range(3)])
             assert torch.equal(torch.get_rng_state(), before)  # the sampler has its own generator
     assert selections[0] == selections[1]
 
@@ -224,15 +179,15 @@ def test_selection_ignores_and_preserves_global_rng(model, input_ids):
 def test_state_dict_replays_future_selections(model, input_ids, sampling):
     engine = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=5)
     for _ in range(3):
-        run(model, engine, input_ids)
+        engine_backward(model, engine, input_ids)
     buffer = io.BytesIO()
     torch.save(engine.state_dict(), buffer)  # as a training checkpoint would
-    future = [run(model, engine, input_ids)[0].selected for _ in range(5)]
+    future = [engine_backward(model, engine, input_ids)[0].selected for _ in range(5)]
 
     restored = SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=99)
     buffer.seek(0)
     restored.load_state_dict(torch.load(buffer))
-    assert [run(model, restored, input_ids)[0].selected for _ in range(5)] == future
+    assert [engine_backward(model, restored, input_ids)[0].selected for _ in range(5)] == future
 
 
 def test_loading_state_of_another_policy_raises(model):
@@ -254,34 +209,12 @@ def subset_gradients(model):
         key = (None if labels is None else tuple(labels.flatten().tolist()), tuple(chunks), budget)
         if key not in memo:
             engine = SpaCO(model, chunk_size=CHUNK, budget=budget, sampling=FixedSelection(chunks, budget=budget))
-            out, grads = run(model, engine, input_ids, labels=labels)
+            out, grads = engine_backward(model, engine, input_ids, labels=labels)
             assert out.selected == tuple(chunks) and out.compensation == K / budget
             memo[key] = grads
         return memo[key]
 
     return gradient
-
-
-def expected_gradient(gradient, subsets_and_weights):
-    """Sum of weight * gradient(chunks) over an enumeration of (chunks, weight), per parameter."""
-    total = {}
-    for chunks, weight in subsets_and_weights:
-        for name, grad in gradient(chunks).items():
-            total[name] = total.get(name, 0) + weight * grad
-    return total
-
-
-def bernoulli_enumeration(budget):
-    q = budget / K
-    for size in range(K + 1):
-        for chunks in itertools.combinations(range(K), size):
-            yield chunks, q**size * (1 - q) ** (K - size)
-
-
-def uniform_enumeration(budget):
-    weight = 1 / math.comb(K, budget)
-    for chunks in itertools.combinations(range(K), budget):
-        yield chunks, weight
 
 
 def _labels_with_a_targetless_chunk(input_ids):
@@ -298,9 +231,9 @@ def _labels_with_a_targetless_chunk(input_ids):
 )
 def test_bernoulli_is_exactly_unbiased(model, input_ids, subset_gradients, budget, targetless_chunk):
     labels = _labels_with_a_targetless_chunk(input_ids) if targetless_chunk else None
-    _, exact = run(model, SeCO(model, chunk_size=CHUNK), input_ids, labels=labels)
+    _, exact = engine_backward(model, SeCO(model, chunk_size=CHUNK), input_ids, labels=labels)
     mean = expected_gradient(
-        lambda chunks: subset_gradients(input_ids, labels, chunks, budget), bernoulli_enumeration(budget)
+        lambda chunks: subset_gradients(input_ids, labels, chunks, budget), bernoulli_selections(K, budget)
     )
     # Measured: 0.7e-15 to 1.4e-15 (float64 rounding). With transformers' float32 RMSNorms: ~1e-7.
     assert max_relative_error(mean, exact) < 1e-10
@@ -320,7 +253,7 @@ RELAY_FREE = ("lm_head.", "model.norm.", "model.layers.1.mlp.")
 def test_uniform_is_biased(seco, input_ids, subset_gradients, budget):
     _, exact = seco
     mean = expected_gradient(
-        lambda chunks: subset_gradients(input_ids, None, chunks, budget), uniform_enumeration(budget)
+        lambda chunks: subset_gradients(input_ids, None, chunks, budget), uniform_selections(K, budget)
     )
     assert relative_l2(mean, exact) > UNIFORM_BIAS_AT_LEAST[budget]
 
@@ -337,24 +270,11 @@ def test_single_selected_chunk_is_compensated_local_gradient(model, input_ids, c
     """With only chunk j selected, the estimate is k/t times J_j's gradient with the past held fixed."""
     budget = 2
     engine = SpaCO(model, chunk_size=CHUNK, budget=budget, sampling=FixedSelection([chunk], budget=budget))
-    out, grads = run(model, engine, input_ids)
+    out, grads = engine_backward(model, engine, input_ids)
     assert out.selected == (chunk,)
 
-    model.zero_grad(set_to_none=True)
-    targets = shift_labels(input_ids)
-    cache = DynamicCache()
-    bounds = [(s, min(s + CHUNK, SEQ)) for s in range(0, SEQ, CHUNK)]
-    for j, (start, end) in enumerate(bounds[: chunk + 1]):
-        with torch.set_grad_enabled(j == chunk):
-            logits = model(
-                input_ids=input_ids[:, start:end],
-                position_ids=torch.arange(start, end).unsqueeze(0),
-                cache=cache,
-                use_cache=True,
-            ).logits
-    local_loss = chunk_loss_sum(logits, targets[:, start:end]) / (targets != -100).sum()
-    (local_loss * (K / budget)).backward()
-    assert max_relative_error(grads, trainable_grads(model)) < 1e-12  # measured: 0.0 (same operations)
+    _, local = chunk_by_chunk_backward(model, input_ids, chunk_size=CHUNK, local_chunk=chunk, scale=K / budget)
+    assert max_relative_error(grads, local) < 1e-12  # measured: 0.0 (same operations)
 
 
 # ----- 5. Monte Carlo through the real sampler --------------------------------------------------------
@@ -379,7 +299,7 @@ def _directions(exact: dict) -> torch.Tensor:
 
 def _monte_carlo_z(model, input_ids, engine, directions, true_projection):
     """z-scores of the sample mean of the projected estimates, and their standard errors."""
-    projections = torch.stack([directions @ flat(run(model, engine, input_ids)[1]) for _ in range(MC_SAMPLES)])
+    projections = torch.stack([directions @ flat(engine_backward(model, engine, input_ids)[1]) for _ in range(MC_SAMPLES)])
     standard_error = projections.std(dim=0) / math.sqrt(MC_SAMPLES)
     return (projections.mean(dim=0) - true_projection) / standard_error, standard_error
 
@@ -408,7 +328,7 @@ def test_bernoulli_monte_carlo_mean_converges_and_catches_bias(model, input_ids,
 
 def _padded_batch(input_ids):
     """Two right-padded rows (lengths 22 and 13) with -100 labels in the first row."""
-    ids = torch.cat([input_ids, torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))])
+    ids = torch.cat([input_ids, random_ids(1, SEQ, seed=1)])
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
     labels = ids.masked_fill(mask == 0, -100)
@@ -421,10 +341,10 @@ def test_loss_covers_every_chunk(model, input_ids, batch):
     ids, kwargs = (input_ids, {}) if batch == "single" else _padded_batch(input_ids)
     if batch == "padded-num-items":
         kwargs["num_items"] = 50
-    seco_out, _ = run(model, SeCO(model, chunk_size=CHUNK), ids, **kwargs)
+    seco_out, _ = engine_backward(model, SeCO(model, chunk_size=CHUNK), ids, **kwargs)
     spaco = SpaCO(model, chunk_size=CHUNK, budget=2, sampling="uniform", seed=0)
     for _ in range(3):
-        out, _ = run(model, spaco, ids, **kwargs)
+        out, _ = engine_backward(model, spaco, ids, **kwargs)
         assert len(out.selected) == 2 < out.num_chunks == K
         assert out.num_targets == seco_out.num_targets
         # Same chunk losses, summed in a different order: equal up to float64 rounding.
@@ -518,10 +438,10 @@ def test_estimated_loss_skips_the_head_and_keeps_the_gradient(model, input_ids, 
     head_calls = []
     hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     try:
-        full, full_grads = run(model, SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=3), input_ids)
+        full, full_grads = engine_backward(model, SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=3), input_ids)
         calls_full = len(head_calls)
         head_calls.clear()
-        cheap, cheap_grads = run(
+        cheap, cheap_grads = engine_backward(
             model, SpaCO(model, chunk_size=CHUNK, budget=2, sampling=sampling, seed=3, full_loss=False), input_ids
         )
     finally:

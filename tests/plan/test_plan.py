@@ -23,8 +23,7 @@ from chunkwise.core.engine import _chunk_inputs, forward_checkpoints
 from chunkwise.core.handle import inspect_causal_lm
 from chunkwise.integrations.trainer import ChunkwiseConfig, plan_for_model
 from chunkwise.models.presets import build_tiny_model
-from chunkwise.plan.layers import LayerCost
-from chunkwise.plan.memory import (
+from chunkwise.plan import (
     MIN_AUTO_CHUNK,
     Budget,
     ModelShape,
@@ -33,8 +32,11 @@ from chunkwise.plan.memory import (
     build_report,
     fit_chunk_size,
     method_plan,
+    plan_training_step,
 )
-from chunkwise.recipes.train.recipe import TrainConfig, train
+from chunkwise.plan.layers import LayerCost
+from chunkwise.recipes.train import TrainConfig, train
+from chunkwise.utils.memory import parse_bytes
 
 MiB = 1 << 20
 VOCAB = 1000
@@ -159,7 +161,7 @@ def test_tiny_llama_breakdown_is_the_documented_one():
 
 
 def test_llama_8b_lora_breakdown_is_the_documented_one():
-    from chunkwise.tools.bench.runner import BENCH_MODELS
+    from chunkwise.models.presets import BENCH_MODELS
 
     shape = ModelShape.from_config(LlamaConfig(**BENCH_MODELS["llama-8b"]), name="llama-8b")
     training = Training.from_precision("bfloat16", device_type="cuda", lora_r=8)
@@ -236,7 +238,7 @@ def test_train_auto_chunk_size_is_decided_before_loading(tmp_path, monkeypatch, 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.setup.load_causal_lm", no_weights)
     monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match=r"--chunk-size auto: 512 tokens x 1 do not fit: seco with 64-token chunks needs"):
         train(TrainConfig(output=str(tmp_path / "small"), memory="1MiB", **config), log=lambda line: None)
@@ -264,6 +266,34 @@ def test_trainer_auto_chunk_size_follows_the_budget():
                        autocast=False, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="memory is the budget of chunk_size='auto'"):
         ChunkwiseConfig(chunk_size=64, memory="1GiB")
+
+
+def test_both_auto_entry_points_make_one_decision():
+    """`chunkwise train --chunk-size auto` (from the config, before loading) and `ChunkwiseConfig(chunk_size="auto")`
+    (from the loaded LoRA model) give the same plan, or the same refusal, for the same model, setting and budget
+    (`chunkwise.plan.auto_chunk_plan`)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny_model("tiny-llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cpu = torch.device("cpu")
+
+    def outcome(plan) -> object:
+        try:
+            return plan()
+        except PlanError as error:
+            return str(error)
+
+    answers = set()
+    for memory in ("64MiB", "16MiB", "8MiB", "4MiB"):
+        for offload in (False, True):
+            loaded = outcome(lambda: plan_for_model(model, None, ChunkwiseConfig(chunk_size="auto", memory=memory, offload_kv=offload),
+                                                    batch_size=2, seq_len=2048, autocast=False, device=cpu))
+            before = outcome(lambda: plan_training_step(
+                build_tiny_model("tiny-llama").config, name="tiny-llama", seq_len=2048, precision="float32", device=cpu, method="seco",
+                offload_kv=offload, memory=parse_bytes(memory, "--memory"), lora_r=4, lora_targets=("q_proj", "v_proj"), batch_size=2))
+            assert loaded == before, (memory, offload)
+            answers.add(loaded if isinstance(loaded, str) else (loaded.method, loaded.chunk_size))
+    assert sum(isinstance(answer, tuple) for answer in answers) > 2 and any(isinstance(answer, str) for answer in answers), answers
 
 
 def test_trainer_takes_the_auto_chunk_in_its_steps(tmp_path):
@@ -310,7 +340,7 @@ def test_train_refuses_a_length_beyond_the_positions_from_the_config_alone(tmp_p
     def no_weights(*args, **kwargs):
         raise AssertionError("weights or tokenizer were loaded")
 
-    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)
+    monkeypatch.setattr("chunkwise.recipes.train.setup.load_causal_lm", no_weights)
     monkeypatch.setattr("chunkwise.recipes.train.recipe.tokenizer_for", no_weights)
     with pytest.raises(ValueError, match="--seq-len 8192 is above the model's position limit max_position_embeddings=4096"):
         train(TrainConfig(model=str(tmp_path / "model"), seq_len=8192, output=str(tmp_path / "run"), progress=False))

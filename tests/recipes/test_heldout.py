@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import model_dir, random_text  # noqa: F401  (model_dir is a fixture)
+from tokenizer_fixtures import model_dir, random_text  # noqa: F401  (model_dir is a fixture)
 
 from chunkwise.cli.main import main
 from chunkwise.models.presets import build_tiny_model
 from chunkwise.recipes.train.heldout import best_evaluation
-from chunkwise.recipes.train.recipe import TrainConfig, train
+from chunkwise.recipes.train import TrainConfig, train
 
 QUICK = dict(seq_len=48, chunk_size=16, batch_size=2, progress=False, checkpoint_every=0, lora_r=0)
 

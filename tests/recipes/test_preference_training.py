@@ -14,7 +14,7 @@ import torch
 from chunkwise.cli.main import main
 from chunkwise.data.files import DataError
 from chunkwise.data.preferences import pair_batch, read_preference_pairs
-from chunkwise.recipes.train.recipe import TrainConfig, train
+from chunkwise.recipes.train import TrainConfig, train
 
 
 def write_preferences(path, count=6, filler=24):
@@ -79,7 +79,7 @@ def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, mes
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr("chunkwise.recipes.train.recipe.load_causal_lm", no_weights)  # each is refused from the configs alone
+    monkeypatch.setattr("chunkwise.recipes.train.setup.load_causal_lm", no_weights)  # each is refused from the configs alone
     with pytest.raises(ValueError, match=message):
         train(settings(tmp_path, **overrides), log=lambda _: None)
     assert not (tmp_path / "run").exists()
@@ -87,7 +87,8 @@ def test_bad_settings_fail_before_training(tmp_path, monkeypatch, overrides, mes
 
 def test_auto_chunk_size_plans_both_rows_of_each_pair(tmp_path):
     """LoRA DPO with 2 pairs per micro-batch is planned as 4 rows: the chunk cross-entropy gets with 4 sequences."""
-    from chunkwise.recipes.train.recipe import Distributed, check_before_loading
+    from chunkwise.recipes.train.distributed import Distributed
+    from chunkwise.recipes.train.setup import check_before_loading
 
     def chosen(**overrides):
         config = settings(tmp_path, model="tiny-llama", lora_r=4, seq_len=512, chunk_size="auto", memory="10MiB", **overrides).resolved()

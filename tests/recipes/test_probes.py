@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from tokenizer_fixtures import bpe_tokenizer
 
 from chunkwise.cli.main import main
 from chunkwise.core.handle import inspect_causal_lm
@@ -15,21 +16,6 @@ from chunkwise.core.inference import greedy_generate
 from chunkwise.data.probes import English, Probe, RecallWords, build_probe, probe_language
 from chunkwise.data.synthetic import DEMO_TASK
 from chunkwise.models.presets import build_tiny_model
-
-
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer (as GPT-2's, at toy size) trained here on English sentences; vocabulary < 512."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    corpus = [English.INSTRUCTION, English.FILLER, *English.SUBJECTS, *English.VERBS, *English.OBJECTS, *English.TIMES,
-              "The pass key is 12345. What is the special magic number for amber-otter mentioned in the provided text?"]
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"])
-    core.train_from_iterator(corpus * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 
 from chunkwise.cli.main import main, parse_bytes
 from chunkwise.tools.bench import runner as bench
-from chunkwise.tools.bench.runner import DEFAULT_METHODS, BenchCase, BenchSettings, CaseResult, longest_within, run_case
+from chunkwise.tools.bench.case import DEFAULT_METHODS, BenchCase, BenchSettings, CaseResult
+from chunkwise.tools.bench.runner import longest_within, run_case
 
 QUICK_PARAMETERS = 887_424  # the `quick` model: vocab 2048, hidden 128, 2 layers, intermediate 344
 
@@ -70,16 +71,6 @@ def test_killed_or_failing_case_is_recorded_not_raised():
     # Another signal is a crash, not a memory verdict.
     crashed = run_case(case, command=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert crashed.status == "error" and "SIGTERM" in crashed.error
-
-
-def test_out_of_memory_errors_are_recognised():
-    import torch
-
-    assert bench.is_out_of_memory(MemoryError())
-    assert bench.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert bench.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
-    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
-    assert not bench.is_out_of_memory(ValueError("out of memory"))  # only errors the allocators raise
 
 
 def test_max_memory_finds_a_longer_sequence_for_seco_than_for_full(tmp_path, capsys):

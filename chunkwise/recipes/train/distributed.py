@@ -1,6 +1,7 @@
-"""Data parallelism for `chunkwise train`: one process, DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 under torchrun.
+"""Data parallelism for `chunkwise train`: one process, DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 under torchrun,
+and the torchrun plumbing around them (joining the process group, a lost rank's error).
 
-    backend = data_parallel.setup(model, make_optimizer, zero=2, fsdp=False, world_size=2, device=device, ...)
+    backend = distributed.setup(model, make_optimizer, zero=2, fsdp=False, world_size=2, device=device, ...)
     engine = SeCO(backend.engine_model, chunk_size=...)        # DDP wrapper, DeepSpeed engine, or sharded model
     for micro_batch, last in ...:
         with backend.micro_batch(last=last):                   # gradient accumulation: reduce after the last
@@ -19,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from chunkwise.core.handle import unwrap_causal_lm
+from chunkwise.recipes.train.config import TrainConfig, TrainingError
+from chunkwise.utils.precision import resolve_device
 
 OPTIMIZER_FILE = "optimizer.pt"
 SHARDED_DIR = "sharded"  # inside a checkpoint: every rank's shard of the model and optimizer state
@@ -227,3 +232,67 @@ def setup(model: torch.nn.Module, make_optimizer: Callable[[list], torch.optim.O
     if world_size > 1:
         return DistributedDataParallel(model, make_optimizer, device=device)
     return DataParallel(model, make_optimizer)
+
+
+# ----- torchrun: the process group ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the ranks torchrun started (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """The element-wise sum of `values` over every rank (float64, so counts stay exact)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def init_distributed(*, device: str, timeout_s: float) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPUs, gloo on CPU; `device` as --device says."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
+    return Distributed(torch.distributed.get_rank(), world_size), device
+
+
+def is_lost_rank(error: BaseException) -> bool:
+    """True for a collective that failed because another rank is gone or silent past the timeout.
+
+    nccl raises `torch.distributed.DistError`s; gloo raises plain RuntimeErrors from its transport
+    ("Connection closed by peer", "Timed out waiting ... for recv"), recognisable by gloo's source path.
+    """
+    return isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+def lost_rank_error(error: BaseException, dist: Distributed, config: TrainConfig) -> TrainingError:
+    """The one-line error of a rank whose peers are gone: what happened, and that --resume continues the run."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(
+        f"rank {dist.rank} of {dist.world_size} stopped: it lost contact with another rank, which crashed, was "
+        f"killed, or did not answer within --dist-timeout {config.dist_timeout:g} s (see that rank's output above). "
+        f"Checkpoints already written in {config.output} are intact; continue with --resume. [{reason}]"
+    )
