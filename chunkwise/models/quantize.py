@@ -150,5 +150,5 @@ def check_quantized_training(quantization: Quantization, *, lora_rank: int | Non
     if quantization.enabled and not lora_rank:
         raise ValueError(
             f"{quantization.option} freezes the base in {quantization.bits}-bit weights, which take no gradient: train LoRA "
-            f"adapters on it (--lora-rank N, QLoRA), or drop {quantization.option} for a full fine-tune"
+            f"adapters on it (--lora-r N, QLoRA), or drop {quantization.option} for a full fine-tune"
         )

@@ -141,7 +141,7 @@ def test_a_repack_done_outside_chunkwise_is_undone_with_a_warning():
 
 
 def test_a_full_fine_tune_of_a_quantized_base_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^--load-in-4bit freezes the base in 4-bit weights.*--lora-rank N") as error:
+    with pytest.raises(ValueError, match=r"^--load-in-4bit freezes the base in 4-bit weights.*--lora-r N") as error:
         check_quantized_training(QUANTIZATIONS["nf4"], lora_rank=None)
     assert "\n" not in str(error.value)
     check_quantized_training(QUANTIZATIONS["nf4"], lora_rank=8)
