@@ -5,11 +5,10 @@
     python docs/quantized_plan_validation.py table docs/bench/q4-*.json
 
 Each case runs in a fresh process with the bench's malloc settings and measuring loop
-(`chunkwise.tools.bench.runner.measure_case`: one priming step, the peak resident set of one step above the
+(`chunkwise.tools.bench.measure.measure_case`: one priming step, the peak resident set of one step above the
 loaded model); the model is the bench's, saved and reloaded quantized by transformers (nf4, float32 compute),
-with LoRA r=8 on q_proj/v_proj. The prediction is the planner's LoRA plan without optimizer state, less the
-weights (they are in the baseline), plus the dequantization workspace
-(`Quantization.dequantization_bytes`).
+with LoRA r=8 on q_proj/v_proj. The prediction is the planner's plan for it (`Training(quantization=...)`)
+without optimizer state, less the weights (they are in the baseline); it includes the dequantization workspace.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def build_quantized(case, device):
 
     from chunkwise.models.loading import add_lora, load_causal_lm
     from chunkwise.models.quantize import Quantization
-    from chunkwise.tools.bench.runner import build_model
+    from chunkwise.tools.bench.measure import build_model
 
     dense = build_model(case.model, dtype=torch.float32, device=torch.device("cpu"), lora_r=0, seed=case.seed)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
@@ -46,7 +45,8 @@ def build_quantized(case, device):
 
 
 def run_child(case_json: str) -> None:
-    from chunkwise.tools.bench.runner import BenchCase, measure_case
+    from chunkwise.tools.bench.case import BenchCase
+    from chunkwise.tools.bench.measure import measure_case
 
     result = measure_case(BenchCase(**json.loads(case_json)), build=build_quantized)
     print(MARKER + json.dumps({"case": asdict(result.case), "status": result.status, "peak": result.peak_memory_bytes,
@@ -54,7 +54,8 @@ def run_child(case_json: str) -> None:
 
 
 def measure(args) -> None:
-    from chunkwise.tools.bench.runner import BenchCase, child_environment
+    from chunkwise.tools.bench.case import BenchCase
+    from chunkwise.tools.bench.runner import child_environment
 
     results = []
     for length in map(int, args.lengths.split(",")):
@@ -74,15 +75,15 @@ def measure(args) -> None:
 def predicted(case: dict) -> int:
     from transformers import LlamaConfig
 
-    from chunkwise.models.quantize import Quantization, quantized_linears
-    from chunkwise.plan.memory import ModelShape, Training, method_plan
-    from chunkwise.tools.bench.runner import BENCH_MODELS
+    from chunkwise.models.quantize import Quantization
+    from chunkwise.models.presets import BENCH_MODELS
+    from chunkwise.plan import ModelShape, Training, method_plan
 
     shape = ModelShape.from_config(LlamaConfig(**BENCH_MODELS[case["model"]]), name=case["model"])
-    training = Training.from_precision("float32", device_type="cpu", lora_r=case["lora_r"], optimizer_states=0)
+    training = Training.from_precision("float32", device_type="cpu", lora_r=case["lora_r"], optimizer_states=0,
+                                       quantization=Quantization(load_in_4bit=True))
     plan = method_plan(shape, training, "seco", seq_len=case["seq_len"], chunk_size=case["chunk_size"])
-    workspace = Quantization(load_in_4bit=True).dequantization_bytes(quantized_linears(shape.linears), 4)
-    return plan.total("cpu") - plan.parts.get("weights", 0) - plan.parts.get("weight_copies", 0) + workspace
+    return plan.total("cpu") - plan.parts.get("weights", 0) - plan.parts.get("weight_copies", 0)
 
 
 def table(paths) -> None:
