@@ -30,11 +30,23 @@ def default_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def with_quantization(options: dict) -> dict:
+    """`options` with the quantization options given (--load-in-4bit, ...) gathered into `quantization`."""
+    from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization
+
+    given = {name: options.pop(name) for name in QUANTIZATION_FIELDS if name in options}
+    return {**options, "quantization": Quantization(**given)}
+
+
 def verify(*, model: str, seq_len: int, chunk_size: int, tolerance: float | None = None, dtype: str = "float64", device: str = "auto",
-           batch_size: int = 1, lora_r: int = 0, seed: int = 0) -> int:
+           batch_size: int = 1, lora_r: int = 0, seed: int = 0, quantization=None) -> int:
     """Compare SeCO's gradient with ordinary backprop on `model`; return 0 if within tolerance, else 1."""
     from chunkwise.models.loading import add_lora, load_causal_lm
+    from chunkwise.models.quantize import NO_QUANTIZATION, check_quantized_training
     from chunkwise.recipes.verify import compare_gradients
+
+    quantization = quantization or NO_QUANTIZATION
+    check_quantized_training(quantization, lora_rank=lora_r)
 
     if seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2 (one token predicts the next), got {seq_len}")
@@ -44,7 +56,11 @@ def verify(*, model: str, seq_len: int, chunk_size: int, tolerance: float | None
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise UsageError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     device = default_device(device)
-    lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed).to(device)
+    if quantization.enabled:  # loaded onto the device (a quantized model cannot move afterwards)
+        lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed, quantization=quantization,
+                            compute_dtype=quantization.compute_dtype(DTYPES[dtype], None), device=device)
+    else:
+        lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed).to(device)
     if lora_r > 0:
         # LoRA starts with B = 0, where A's gradient is exactly zero and proves nothing: draw B.
         lm = add_lora(lm, rank=lora_r, random_b=0.02, seed=seed)
@@ -124,6 +140,7 @@ def plan(
     batch_size: int = 1,
     attention: str = "chunkwise",
     as_json: bool = False,
+    quantization=None,
 ) -> int:
     """`chunkwise plan`: each method's predicted peak memory, from the model's config alone.
 
@@ -139,8 +156,9 @@ def plan(
     precision = dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     lora_r = (0 if model == DEMO_MODEL else 8) if lora_r is None else lora_r
     targets = tuple(name.strip() for name in lora_targets.split(",") if name.strip())
+    options = {} if quantization is None else {"quantization": quantization}
     training = Training.from_precision(precision, device_type=device_type, lora_r=lora_r, lora_targets=targets,
-                                       batch_size=batch_size, attention=attention)
+                                       batch_size=batch_size, attention=attention, **options)
     shape = ModelShape.from_name(model)
     if memory is not None:
         budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
@@ -205,6 +223,11 @@ def evaluate(given: dict) -> int:
 
     task, depths, num_probes, output = (given.pop(name) for name in ("task", "depths", "num_probes", "output"))
     if task != "lm":
+        from chunkwise.models.quantize import QUANTIZATION_FIELDS
+
+        asked = [name for name in QUANTIZATION_FIELDS if name in given]
+        if asked:
+            raise UsageError(f"--{asked[0].replace('_', '-')} applies to --task lm; probes load a run's base as it was trained")
         return probe(given, task=task, depths=depths, num_probes=num_probes, output=output, as_json=as_json)
     if depths is not None or num_probes is not None or output is not None:
         raise UsageError("--depths, --num-probes and --output apply to --task passkey or needle")

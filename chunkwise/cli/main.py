@@ -19,6 +19,7 @@ import warnings
 from chunkwise.attention.chunk import ATTENTION_CHOICES
 from chunkwise.cli import commands
 from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, lengths_option
+from chunkwise.models.quantize import Quantization
 from chunkwise.recipes.checkpoint import CheckpointError
 from chunkwise.recipes.train.config import TrainConfig
 from chunkwise.utils.memory import parse_bytes  # re-exported: `chunkwise bench`'s byte options
@@ -27,9 +28,9 @@ __all__ = ["COMMANDS", "build_parser", "main", "parse_bytes"]
 
 # Each subcommand's function, called with the parsed options (a dict without "command" and "debug").
 COMMANDS = {
-    "verify": lambda options: commands.verify(**options),
+    "verify": lambda options: commands.verify(**commands.with_quantization(options)),
     "bench": commands.bench_command,
-    "plan": lambda options: commands.plan(**options),
+    "plan": lambda options: commands.plan(**commands.with_quantization(options)),
     "train": commands.train,
     "eval": commands.evaluate,
 }
@@ -53,6 +54,7 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
         "attention": _parent((("--attention",), dict(default="chunkwise", metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
                                                       help="seco/spaco attention: chunkwise (default; no repeated KV heads or mask "
                                                       "kept for backward) or the model's own"))),
+        "quantization": _quantization_parent(),
         "fields": _parent(
             (("--text-field",), dict(default="text", help="JSONL/dataset field with the text (default text)")),
             (("--prompt-field",), dict(default=None, help="instruction data: field with the prompt (its tokens are not scored)")),
@@ -60,6 +62,13 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
             (("--split",), dict(default="train", help="dataset split (default train)")),
         ),
     }
+
+
+def _quantization_parent() -> argparse.ArgumentParser:
+    """--load-in-4bit, --load-in-8bit and the --bnb-4bit-* options (TRL's names), generated from `Quantization`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_config_options(parent, Quantization)
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +92,7 @@ def _add_verify(subparsers, shared: dict) -> None:
         help="check SeCO's gradient against ordinary backprop on a model",
         description="Compute one random batch's gradient with SeCO and with ordinary backprop, print the "
         "largest differences per parameter group, and exit 1 if any exceeds the tolerance.",
-        parents=[shared["device"], shared["seed"], shared["batch"]],
+        parents=[shared["device"], shared["seed"], shared["batch"], shared["quantization"]],
     )
     verify.add_argument("--model", default="tiny-llama", help="local directory, hub id, or tiny preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma3)")
     verify.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -132,7 +141,7 @@ def _add_plan(subparsers, shared: dict) -> None:
         "SeCO with the KV cache offloaded, broken into weights, gradients, optimizer state, KV cache and its "
         "gradient, activations and logits/loss. With --memory (or on this machine's device), also the chunk size "
         "--chunk-size auto would pick and the longest sequence each method fits. Only the config is read.",
-        parents=[shared["device"], shared["batch"], shared["attention"], shared["json"]],
+        parents=[shared["device"], shared["batch"], shared["attention"], shared["json"], shared["quantization"]],
     )
     plan.add_argument("--model", required=True, help="hub id, local model folder, or tiny preset (only its config is read)")
     plan.add_argument("--seq-len", type=int, default=None, help="tokens per sequence: the breakdown at this length")
@@ -162,7 +171,7 @@ def _add_eval(subparsers, shared: dict) -> None:
         description="Score documents with chunked no-grad inference through a KV cache: memory of one chunk's "
         "activations plus the cache, so documents far longer than a full forward allows can be scored. --model "
         "takes a run directory, a model or adapter folder, a hub id or a tiny preset.",
-        parents=[shared["device"], shared["seed"], shared["batch"], shared["fields"], shared["json"]],
+        parents=[shared["device"], shared["seed"], shared["batch"], shared["fields"], shared["json"], shared["quantization"]],
     )
     evaluate.add_argument("--model", required=True, help="run directory, model/adapter folder, hub id or tiny preset")
     evaluate.add_argument("--data", default=None, help="documents to score (as train --data); default: the run's data, else the synthetic task")

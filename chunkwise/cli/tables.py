@@ -60,7 +60,7 @@ def print_plan(report, device: str) -> None:
         for plan in report.plans:
             parts = plan.parts
             fits = "–" if budget is None else ("yes" if budget.admits(plan, training.device_type) else "[red]no[/]")
-            table.add_row(plan.method, str(plan.chunk_size or "–"), size(parts.get("weights", 0) + parts.get("weight_copies", 0)),
+            table.add_row(plan.method, str(plan.chunk_size or "–"), size(parts.get("weights", 0) + parts.get("weight_copies", 0) + parts.get("dequantization", 0)),
                           size(parts.get("gradients")), size(parts.get("optimizer")), size(parts.get("kv_cache")),
                           size(parts.get("kv_gradient")), size(parts.get("activations")), size(parts.get("logits_loss")),
                           size(parts.get("attention_backward", 0) + parts.get("optimizer_step", 0)), size(plan.peak),

@@ -29,8 +29,10 @@ import torch
 from chunkwise.attention.chunk import ATTENTION_CHOICES, chunk_attention
 from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
 from chunkwise.core.cache import ChunkCache
+from chunkwise.core.gradient_guard import check_gradient_moved, starts_at_zero, trainable_gradients
 from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
 from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
+from chunkwise.core.quantized import KBIT_CHECKPOINTING_FIX, is_quantized, trainable_quantized_layers
 from chunkwise.core.sampling import ChunkSampler, FixedPlan, StageTwoState, StepPlan, make_sampler, select_all
 from chunkwise.core.sync import GradientSync, gradient_sync
 
@@ -290,11 +292,12 @@ class SeCO:
         if any(getattr(module, "gradient_checkpointing", False) for module in self.handle.lm.modules()):
             # transformers drops the KV cache inside checkpointed layers, which would cut every chunk off
             # from its past: a silently wrong gradient.
+            kbit = f" (peft's prepare_model_for_kbit_training turns it on: call {KBIT_CHECKPOINTING_FIX})" if is_quantized(self.handle.lm) else ""
             raise ValueError(
                 "gradient checkpointing is enabled on the model; chunk-wise training already keeps only one "
                 "chunk's activations and needs the KV cache that checkpointing disables. Call "
                 "model.activation_checkpointing_disable(), or drop gradient_checkpointing=True from the training "
-                "arguments."
+                f"arguments{kbit}."
             )
         device = self.handle.lm.get_input_embeddings().weight.device
         return chunk_batch(
@@ -318,7 +321,9 @@ class SeCO:
             zero = torch.zeros((), device=batch.targets.device)
             compensation = plan.selection.compensation if isinstance(plan, FixedPlan) else 1.0
             return ChunkwiseOutput(zero, 0, batch.num_chunks, (), compensation)
-        with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"):
+        # Stage 1 and stage 2's first layers run on inputs without grad: a quantized base must not take its
+        # inference-only path there (see chunkwise.core.quantized).
+        with chunk_attention(self.handle.decoder.config, enabled=self.attention == "chunkwise"), trainable_quantized_layers(self.handle.lm):
             return self._stages(batch, plan, objective, inputs_embeds, full_loss=full_loss)
 
     def _stages(self, batch: ChunkedBatch, plan: StepPlan, objective: BoundObjective, inputs_embeds, *, full_loss: bool) -> ChunkwiseOutput:
@@ -337,10 +342,15 @@ class SeCO:
         skippable = {c for c in range(batch.num_chunks) if plan.may_skip(c) and (batch.chunk_has_targets[c] or self.sync.lockstep)} if report else set()
         rng_states, losses = forward_checkpoints(self.handle, batch, cache, report_only=skippable - {last} if plan.online else skippable,
                                                  devices=devices, objective=objective, sync=self.sync)
+        # The zero-gradient guard: armed before stage 2 (the gradients start at zero), it checks after stage 2
+        # if a chunk with targets was backpropagated with a non-zero factor (whatever decided which chunks).
+        guard_armed = self._guard_armed(objective)
         factors = self._stage_two(batch, plan, cache, rng_states, losses, objective, score_last=plan.online and last in skippable)
         if inputs_embeds is not None and inputs_embeds.requires_grad and batch.inputs_embeds.grad is not None:
             # Every chunk's gradient is in the leaf now: walk the caller's graph once.
             inputs_embeds.backward(batch.inputs_embeds.grad.to(inputs_embeds.device, inputs_embeds.dtype))
+        if guard_armed and any(batch.chunk_has_targets[c] and f != 0.0 for c, f in factors.items()):
+            check_gradient_moved(self.model, num_targets=batch.num_targets, method=type(self).__name__)
         if not objective.loss_is_chunk_sum:
             total = objective.value()
         elif full_loss:
@@ -400,6 +410,13 @@ def _compensated_loss(losses: dict[int, torch.Tensor], factors: dict[int, float]
     if len({factors[c] for c in picked}) == 1:  # one factor (uniform, bernoulli): summed, then scaled
         return torch.stack([losses[c] for c in picked]).sum() * factors[picked[0]]
     return torch.stack([losses[c] * factors[c] for c in picked]).sum()
+
+
+    def _guard_armed(self, objective: BoundObjective) -> bool:
+        """Whether this step's gradient will be checked for being all zero, if stage 2 backpropagates a chunk
+        with targets (`chunkwise.core.gradient_guard` says which steps and why): the objective's gradient cannot
+        legitimately vanish, `.grad` is where the gradient lands, and it starts at zero."""
+        return objective.zero_gradient_is_error and self.sync.gradients_in_grad and starts_at_zero(trainable_gradients(self.model))
 
 
 class SpaCO(SeCO):

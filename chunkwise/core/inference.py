@@ -27,6 +27,7 @@ from chunkwise.attention.chunk import chunk_attention
 from chunkwise.core.cache import ChunkCache
 from chunkwise.core.handle import CausalLMHandle
 from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
+from chunkwise.core.quantized import trainable_quantized_layers
 
 
 def forward_chunk(handle: CausalLMHandle, cache: ChunkCache, inputs: dict, *, number: int, start: int,
@@ -45,7 +46,9 @@ def forward_chunk(handle: CausalLMHandle, cache: ChunkCache, inputs: dict, *, nu
     end = start + tokens.shape[1]
     keep = {"logits_to_keep": 1} if last_logits_only and _takes_logits_to_keep(handle) else {}
     cache.prepare(num_past=number, record=True)
-    with chunk_attention(handle.decoder.config):  # no repeated KV heads, no float mask (see chunkwise.attention.chunk)
+    # No repeated KV heads, no float mask (see chunkwise.attention.chunk); and a quantized base keeps its
+    # training layout, though this pass runs without grad (see chunkwise.core.quantized).
+    with chunk_attention(handle.decoder.config), trainable_quantized_layers(handle.lm):
         logits = handle.lm(
             **{name: tokens, handle.cache_kwarg: cache},
             position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),

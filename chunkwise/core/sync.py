@@ -101,6 +101,9 @@ class GradientSync:
     name = "single process"
     # Whether every rank must make the same module calls (the engine then skips no chunk on one rank only).
     lockstep = False
+    # Whether each parameter's `.grad` holds this rank's whole gradient after a backward (the zero-gradient
+    # guard reads it); not under DeepSpeed (its own partitioned buffers) nor FSDP2 (sharded DTensors).
+    gradients_in_grad = True
 
     def __init__(self, handle: CausalLMHandle):
         self.handle = handle
@@ -194,6 +197,7 @@ class DeepSpeedSync(GradientSync):
     """
 
     name = "DeepSpeed"
+    gradients_in_grad = False  # ZeRO moves them into its partitioned buffers
 
     def __init__(self, handle: CausalLMHandle, engine):
         super().__init__(handle)
@@ -309,6 +313,7 @@ class FSDP2Sync(GradientSync):
     """
 
     name = "FSDP2"
+    gradients_in_grad = False  # sharded DTensors: a rank's shard of the gradient may be legitimately zero
 
     def __init__(self, handle: CausalLMHandle, root: torch.nn.Module):
         super().__init__(handle)

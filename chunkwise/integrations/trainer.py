@@ -34,6 +34,7 @@ from chunkwise.core.engine import ChunkwiseOutput, SeCO
 from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
 from chunkwise.core.inference import chunked_loss_sum
 from chunkwise.core.loss import count_targets
+from chunkwise.core.quantized import KBIT_CHECKPOINTING_FIX, is_quantized
 from chunkwise.utils.memory import parse_bytes
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,17 @@ class ChunkwiseTrainerMixin:
             return
         inspect_causal_lm(self.model)  # a model that cannot train chunk-wise fails now, not at step 1
         if any(getattr(module, "gradient_checkpointing", False) for module in self.model.modules()):
+            lm = unwrap_causal_lm(self.model)
+            if is_quantized(lm):
+                # peft's prepare_model_for_kbit_training, the standard QLoRA recipe, turns it on by default: the
+                # user did not ask for it (TrainingArguments' gradient_checkpointing=True stays refused above).
+                lm.activation_checkpointing_disable()
+                logger.warning(
+                    "chunkwise switched off the gradient checkpointing that prepare_model_for_kbit_training turned on "
+                    "(it would cut every chunk off from its past; chunk-wise training keeps one chunk's activations "
+                    f"anyway); to silence this, call {KBIT_CHECKPOINTING_FIX}"
+                )
+                return
             raise ValueError(
                 "the model has gradient checkpointing enabled: transformers drops the KV cache inside checkpointed "
                 "layers, which would cut every chunk off from its past; chunkwise already keeps only one chunk's "

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, tiny_config, build_tiny_model
+from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, build_tiny_model, tiny_config
+from chunkwise.models.quantize import NO_QUANTIZATION, Quantization
 
 
 def _local_model_path(name_or_path: str) -> Path | None:
@@ -28,14 +29,44 @@ def _local_model_path(name_or_path: str) -> Path | None:
     return path
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
-    """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id."""
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                   quantization: Quantization = NO_QUANTIZATION, compute_dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id.
+
+    Args:
+        dtype: the dtype of the weights (of those left unquantized, with `quantization`).
+        quantization: quantize the base's linear layers on load (bitsandbytes); the model is then loaded
+            straight onto `device` (a quantized model cannot move afterwards) and frozen: add LoRA to train it.
+        compute_dtype: what a quantized layer computes in (default `dtype`); see `Quantization.compute_dtype`.
+        device: where a quantized model is loaded (an unquantized one loads on the CPU; the caller moves it).
+    """
+    if quantization.enabled:
+        return _load_quantized(name_or_path, dtype=dtype, seed=seed, quantization=quantization,
+                               compute_dtype=compute_dtype or dtype, device=device)
     if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
         return build_tiny_model(name_or_path, dtype=dtype, seed=seed)
     from transformers import AutoModelForCausalLM
 
     local = _local_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, dtype=dtype)
+
+
+def _load_quantized(name_or_path: str, *, dtype, seed, quantization: Quantization, compute_dtype, device) -> PreTrainedModel:
+    """`from_pretrained` with a `BitsAndBytesConfig`; a preset is saved to a temporary folder first (transformers
+    quantizes while it loads a checkpoint)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    config = quantization.bitsandbytes_config(compute_dtype)  # ImportError with the fix when bitsandbytes is missing
+    place = {"device_map": {"": str(device)}, "quantization_config": config, "dtype": dtype}
+    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
+        with tempfile.TemporaryDirectory(prefix="chunkwise-preset-") as folder:
+            build_tiny_model(name_or_path, dtype=dtype, seed=seed).save_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(folder, **place)
+    local = _local_model_path(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, **place)
 
 
 def load_model_config(name_or_path: str):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chunkwise.models.quantize import quantized_linears
 from chunkwise.plan.layers import LayerCost, head_input_bytes
 from chunkwise.plan.shape import ModelShape, PlanError, Training
 from chunkwise.utils.memory import format_bytes
@@ -30,7 +31,7 @@ from chunkwise.utils.memory import format_bytes
 METHODS = ("full", "ckpt", "seco", "spaco", "seco+offload")
 CHUNKED_METHODS = ("seco", "spaco", "seco+offload")
 # What the planner reports, in this order (bytes alive at the method's peak).
-PARTS = ("weights", "weight_copies", "gradients", "optimizer", "kv_cache", "kv_gradient", "activations",
+PARTS = ("weights", "weight_copies", "dequantization", "gradients", "optimizer", "kv_cache", "kv_gradient", "activations",
          "logits_loss", "attention_backward", "optimizer_step")
 
 
@@ -119,7 +120,7 @@ class MethodPlan:
 def describe_parts(plan: MethodPlan) -> str:
     """"weights 14.96 GiB, gradients 13.0 MiB, ..." for messages."""
     names = {"kv_cache": "KV cache", "kv_gradient": "KV gradient", "logits_loss": "logits and loss",
-             "weight_copies": "autocast weight copies", "attention_backward": "attention backward",
+             "weight_copies": "autocast weight copies", "dequantization": "dequantized weight", "attention_backward": "attention backward",
              "optimizer_step": "optimizer step"}
     parts = ", ".join(f"{names.get(name, name)} {format_bytes(count)}" for name, count in plan.parts.items())
     return parts + (f"; host {format_bytes(plan.host)}" if plan.host else "")
@@ -129,11 +130,17 @@ def describe_parts(plan: MethodPlan) -> str:
 def _static_parts(shape: ModelShape, training: Training) -> dict[str, int]:
     """Weights, autocast's weight copies, gradients and optimizer state: counts times element sizes."""
     t = training
+    dequantization = 0
     if t.lora:
         modules = shape.lora_modules(t.lora_targets)
         trained = sum(t.lora_r * (inputs + outputs) for _, inputs, outputs in modules)
         weights = shape.parameters * t.frozen_bytes + trained * t.param_bytes
         copied = trained  # autocast caches a low-precision copy of each float32 weight it casts
+        if t.quantization.enabled:  # a quantized base: its linears in packed bytes + scales, one dequantized at a time
+            quantized = quantized_linears(shape.linears)
+            weights -= sum(inputs * outputs for _, inputs, outputs in quantized) * t.frozen_bytes
+            weights += sum(t.quantization.weight_bytes(outputs, inputs) for _, inputs, outputs in quantized)
+            dequantization = t.quantization.dequantization_bytes(quantized, t.compute_bytes)
     else:
         trained = shape.parameters
         weights = trained * t.param_bytes
@@ -141,6 +148,7 @@ def _static_parts(shape: ModelShape, training: Training) -> dict[str, int]:
     return {
         "weights": weights,
         "weight_copies": copied * t.autocast_bytes if t.autocast_bytes else 0,
+        "dequantization": dequantization,
         "gradients": trained * t.param_bytes,
         "optimizer": t.optimizer_states * trained * t.param_bytes,
         # AdamW's foreach step builds one parameter-sized temporary (no optimizer: no step)
@@ -295,7 +303,8 @@ class _Moments:
 
 def _resident(static: dict[str, int]) -> dict[str, int]:
     """What the whole step holds: weights, autocast's copies and the optimizer state."""
-    return {"weights": static["weights"], "weight_copies": static["weight_copies"], "optimizer": static["optimizer"]}
+    return {"weights": static["weights"], "weight_copies": static["weight_copies"], "dequantization": static["dequantization"],
+            "optimizer": static["optimizer"]}
 
 
 def _lm_head_gradient(shape: ModelShape, training: Training) -> int:

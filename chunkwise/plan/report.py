@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from chunkwise.plan.fit import AUTO_MARGIN, Budget, largest_fitting, longest_length
@@ -44,7 +46,7 @@ class PlanReport:
                                                    "source": self.budget.source, "margin": AUTO_MARGIN}
         return {
             "model": {key: value for key, value in vars(self.shape).items() if key != "linears"},
-            "training": {**vars(self.training), "precision": self.training.precision},
+            "training": {**_training_fields(self.training), "precision": self.training.precision},
             "seq_len": self.seq_len,
             "budget": budget,
             "methods": [plan_dict(plan) for plan in self.plans],
@@ -52,6 +54,14 @@ class PlanReport:
             "longest": {method: plan_dict(plan) for method, plan in self.longest.items()},
             "notes": self.notes,
         }
+
+
+def _training_fields(training: Training) -> dict:
+    """The training settings for JSON: a quantized base's settings as a dict, none for an unquantized one."""
+    fields = {name: value for name, value in vars(training).items() if name != "quantization"}
+    if training.quantization.enabled:
+        fields["quantization"] = dataclasses.asdict(training.quantization)
+    return fields
 
 
 def build_report(shape: ModelShape, training: Training, *, seq_len: int | None, chunk_size: int | None,

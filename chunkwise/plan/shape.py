@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chunkwise.models.quantize import NO_QUANTIZATION, Quantization, check_quantized_training
+
 # Architectures whose decoder layer `chunkwise.plan.layers` follows op by op (q/k norms included).
 DERIVED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PRECISIONS = ("float32", "float64", "bfloat16", "float16")
@@ -147,6 +149,8 @@ class Training:
         optimizer_states: tensors per trained parameter the optimizer keeps (AdamW: 2).
         attention: the engines' attention option: "chunkwise" or "model".
         device_type: "cuda" or "cpu": which kernel `chunkwise.attention.chunk` runs (they keep different tensors).
+        quantization: a 4-bit / 8-bit base (bitsandbytes): its linears (all but the LM head) take
+            `Quantization.weight_bytes` each, and one of them at a time is dequantized for its matmuls.
     """
 
     param_bytes: int = 4
@@ -158,6 +162,7 @@ class Training:
     optimizer_states: int = 2
     attention: str = "chunkwise"
     device_type: str = "cuda"
+    quantization: Quantization = NO_QUANTIZATION
 
     def __post_init__(self):
         if self.batch_size < 1 or self.lora_r < 0:
@@ -166,6 +171,10 @@ class Training:
             raise PlanError(f"attention must be chunkwise or model, got {self.attention!r}")
         if self.device_type not in ("cuda", "cpu"):
             raise PlanError(f"the planner knows devices cuda and cpu, got {self.device_type!r}")
+        try:
+            check_quantized_training(self.quantization, lora_rank=self.lora_r)
+        except ValueError as error:
+            raise PlanError(str(error)) from None
 
     @classmethod
     def from_precision(cls, precision: str, *, device_type: str, lora_r: int = 0, **options) -> Training:
@@ -177,6 +186,14 @@ class Training:
             size = 4 if precision == "float32" else 8
             return cls(param_bytes=size, frozen_bytes=size, lora_r=lora_r, device_type=device_type, **options)
         return cls(param_bytes=4, frozen_bytes=2 if lora_r else 4, autocast_bytes=2, lora_r=lora_r, device_type=device_type, **options)
+
+    @property
+    def compute_bytes(self) -> int:
+        """Element size a quantized layer computes (dequantizes) in: the given compute dtype, else autocast's, else the weights'."""
+        given = self.quantization.bnb_4bit_compute_dtype
+        if given is not None:
+            return 4 if given == "float32" else 2
+        return self.autocast_bytes or self.frozen_bytes
 
     @property
     def lora(self) -> bool:

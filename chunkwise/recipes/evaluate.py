@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from chunkwise.core.handle import inspect_causal_lm
+from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
+from chunkwise.core.quantized import is_quantized
 from chunkwise.core.inference import score_batches
 
 
@@ -44,6 +45,21 @@ class EvalConfig:
     split: str = "train"
     allow_extrapolation: bool = False
     """Score documents longer than the model's position limit (with a warning) instead of refusing."""
+    load_in_4bit: bool = False
+    """Load the base quantized to 4 bits (bitsandbytes); default: as the run was trained (a run directory)."""
+    load_in_8bit: bool = False
+    """Load the base quantized to 8 bits (bitsandbytes); default: as the run was trained."""
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: str | None = None
+    """What a 4-bit layer computes in; default: --dtype's."""
+
+    def quantization(self):
+        """The `Quantization` asked for, or None (then the run's own)."""
+        from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization
+
+        asked = Quantization(**{name: getattr(self, name) for name in QUANTIZATION_FIELDS})
+        return asked if asked.enabled else None
 
 
 @dataclass
@@ -80,8 +96,13 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
         raise ValueError("--chunk-size and --batch-size must be positive integers")
     device = resolve_device(config.device)
     weights_dtype, autocast_dtype = training_dtypes(config.dtype, device)
-    model, tokenizer, settings = load_trained_model(config.model, dtype=weights_dtype)
-    model.to(device).eval()
+    quantization = config.quantization()
+    compute = None if quantization is None else quantization.compute_dtype(weights_dtype, autocast_dtype)
+    model, tokenizer, settings = load_trained_model(config.model, dtype=weights_dtype, quantization=quantization,
+                                                    compute_dtype=compute, device=device)
+    if not is_quantized(unwrap_causal_lm(model)):  # a quantized model was loaded onto the device and cannot move
+        model.to(device)
+    model.eval()
     handle = inspect_causal_lm(model)
     data = config.data or (settings or {}).get("data") or SYNTHETIC
 

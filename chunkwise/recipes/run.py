@@ -55,32 +55,42 @@ def is_adapter_folder(folder: Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 
 
-def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32):
+def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32, quantization=None,
+                       compute_dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
     """Load a model for evaluation from a run directory, a model/adapter folder, a hub id or a tiny preset.
 
+    Args:
+        quantization: a `chunkwise.models.quantize.Quantization` for the base; None: the run's own (a run
+            trained on a quantized base is evaluated on the same base), else none. A LoRA adapter loads on
+            the quantized base and on the unquantized one alike.
+        compute_dtype, device: as `load_causal_lm` takes them (used only for a quantized base).
     Returns:
         `(model, tokenizer or None, settings of the run or None)`.
     """
     from transformers import AutoTokenizer
 
     from chunkwise.models.loading import load_causal_lm, load_tokenizer
+    from chunkwise.models.quantize import NO_QUANTIZATION, quantization_of_settings
 
     folder = Path(path).expanduser()
     settings = None
     if is_run_directory(folder):
         settings = read_run_settings(folder)
         folder = model_folder_of_run(folder)
+    if quantization is None:
+        quantization = quantization_of_settings(settings) if settings else NO_QUANTIZATION
+    load = dict(dtype=dtype, quantization=quantization, compute_dtype=compute_dtype, device=device)
     if not folder.is_dir():
-        return load_causal_lm(path, dtype=dtype), load_tokenizer(path), None
+        return load_causal_lm(path, **load), load_tokenizer(path), None
     if is_adapter_folder(folder):
-        model = _load_adapter(folder, settings, dtype)
+        model = _load_adapter(folder, settings, load)
     else:
-        model = load_causal_lm(str(folder), dtype=dtype)
+        model = load_causal_lm(str(folder), **load)
     tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
     return model, tokenizer, settings
 
 
-def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
+def _load_adapter(folder: Path, settings: dict | None, load: dict):
     """A LoRA adapter on the base model it was trained from (named in the run settings or the adapter config)."""
     from peft import PeftModel
 
@@ -97,4 +107,4 @@ def _load_adapter(folder: Path, settings: dict | None, dtype: torch.dtype):
             f"{folder} holds a LoRA adapter but does not say which base model it belongs to; evaluate the run "
             "directory it came from, or set base_model_name_or_path in adapter_config.json"
         )
-    return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, seed=seed), str(folder))
+    return PeftModel.from_pretrained(load_causal_lm(base, seed=seed, **load), str(folder))

@@ -14,6 +14,7 @@ import torch
 
 from chunkwise.core.engine import SeCO
 from chunkwise.core.loss import sequence_loss
+from chunkwise.core.quantized import trainable_quantized_layers
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,10 @@ def compare_gradients(
         generator = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(0, engine.handle.vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
-        loss_full, reference = _full_backprop_grads(model, input_ids)
+        # Eval mode and an input without grad: a 4-bit base must not take bitsandbytes' inference repack in the
+        # reference pass either (see chunkwise.core.quantized).
+        with trainable_quantized_layers(engine.handle.lm):
+            loss_full, reference = _full_backprop_grads(model, input_ids)
         model.zero_grad(set_to_none=True)
         loss_seco = engine.backward(input_ids).loss.item()
     finally:

@@ -46,6 +46,9 @@ class BoundObjective(ABC):
     """Stage 1 runs the LM head on every chunk (the last one too) and hands the logits to `observe`."""
     loss_is_chunk_sum = True
     """The reported loss is the sum of `chunk_loss` over the chunks; otherwise it is `value()`."""
+    zero_gradient_is_error = False
+    """A step that backpropagates targets yet leaves every trainable gradient zero is an error (the engine's
+    guard, `chunkwise.core.gradient_guard`); False where a zero gradient is a legitimate outcome."""
 
     def observe(self, chunk: int, logits: torch.Tensor) -> None:
         """Stage 1, no autograd: chunk `chunk`'s logits `[B, c, V]` (only if `needs_stage_1_logits`)."""
@@ -79,6 +82,10 @@ class Objective(ABC):
     """A training loss the engines can split into chunks. Pass one as `engine.backward(..., objective=...)`."""
 
     name = "objective"
+    zero_gradient_is_error = False
+    """Whether a step that backpropagates targets and leaves every trainable gradient zero is an error (the
+    engine's guard, `chunkwise.core.gradient_guard`); False where a zero gradient can be legitimate (GRPO when
+    every group's rewards tie, custom losses)."""
 
     @abstractmethod
     def bind(self, batch: ChunkedBatch, *, num_items: float | None, policy: Policy) -> BoundObjective:
@@ -101,6 +108,7 @@ class CrossEntropy(Objective):
     number) — what `engine.backward` computes when no objective is given."""
 
     name = "cross-entropy"
+    zero_gradient_is_error = True
 
     def bind(self, batch, *, num_items, policy) -> BoundObjective:
         return BoundCrossEntropy(batch)
@@ -108,6 +116,9 @@ class CrossEntropy(Objective):
 
 class BoundCrossEntropy(BoundObjective):
     """Cross-entropy bound to a batch: the summed token loss of a span over the batch normaliser."""
+
+    # -log p has gradient p - onehot: zero only if every target has probability exactly 1.
+    zero_gradient_is_error = True
 
     def __init__(self, batch: ChunkedBatch):
         self.batch = batch

@@ -59,6 +59,10 @@ class _BoundSequenceLoss(BoundObjective):
     needs_stage_1_logits = True
     loss_is_chunk_sum = False
 
+    @property
+    def zero_gradient_is_error(self) -> bool:
+        return getattr(self.objective, "zero_gradient_is_error", False)
+
     def __init__(self, objective: SequenceLoss, batch: ChunkedBatch, lengths, reference, num_items):
         self.objective, self.batch, self.lengths, self.reference, self.num_items = objective, batch, lengths, reference, num_items
         self.sums = torch.zeros(batch.targets.shape[0], dtype=torch.float64, device=batch.targets.device)
@@ -105,6 +109,8 @@ class PairedLoss(SequenceLoss):
 
     name = "paired loss"
     needs_reference = True
+    # The margin's gradient vanishes only at exact saturation (or a pair whose two rows are identical).
+    zero_gradient_is_error = True
 
     def __init__(self, *, beta: float, reference=None, temperature: float = 1.0):
         if self.needs_reference and reference is None:

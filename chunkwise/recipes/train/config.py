@@ -20,6 +20,7 @@ from chunkwise.core.sampling import SAMPLERS
 from chunkwise.data.sequences import PACKING_MODES
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.presets import DEMO_MODEL
+from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_quantized_training
 from chunkwise.utils.precision import PRECISIONS
 
 METHODS = ("seco", "spaco", "full")
@@ -48,7 +49,7 @@ class TrainConfig:
     # Each setting with a fixed set of values: the one list that `check` tests and `--help` shows.
     CHOICES = {
         "method": METHODS, "objective": tuple(OBJECTIVES), "sampling": tuple(SAMPLERS), "attention": ATTENTION_CHOICES,
-        "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES,
+        "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES, **Quantization.CHOICES,
     }
 
     model: str | None = None
@@ -118,6 +119,16 @@ class TrainConfig:
     """LoRA dropout (default 0)."""
     lora_targets: str = "q_proj,v_proj"
     """Comma-separated names of the modules LoRA adapts (default q_proj,v_proj)."""
+    load_in_4bit: bool = False
+    """Load the base quantized to 4 bits (bitsandbytes; QLoRA): only LoRA adapters train on it."""
+    load_in_8bit: bool = False
+    """Load the base quantized to 8 bits (bitsandbytes LLM.int8): only LoRA adapters train on it."""
+    bnb_4bit_quant_type: str = "nf4"
+    """With --load-in-4bit: "nf4" (normal-float, QLoRA's) or "fp4"."""
+    bnb_4bit_use_double_quant: bool = False
+    """With --load-in-4bit: quantize the block scales too (about 0.4 bit less per weight)."""
+    bnb_4bit_compute_dtype: str | None = None
+    """With --load-in-4bit: what the 4-bit layers compute in, float32, bfloat16 or float16 (default: --dtype's)."""
     text_field: str = "text"
     """Field of JSONL / dataset records with the text (default text)."""
     prompt_field: str | None = None
@@ -213,6 +224,11 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
         self._check_objective()
+        check_quantized_training(self.quantization(), lora_rank=self.lora_r)
+
+    def quantization(self) -> Quantization:
+        """The base's quantization (`--load-in-4bit` / `--load-in-8bit` and the `--bnb-4bit-*` options), checked."""
+        return Quantization(**{name: getattr(self, name) for name in QUANTIZATION_FIELDS})
 
     def _check_numbers(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "keep_checkpoints", "log_every", "max_bad_steps")

@@ -106,6 +106,7 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
             # a preference micro-batch holds batch_size pairs: 2 x batch_size rows
             batch_size=config.batch_size * (1 if config.objective == "cross-entropy" else 2),
             attention=config.attention, memory=config.memory and parse_bytes(config.memory, "--memory"),
+            quantization=config.quantization(),
         )
     except PlanError as error:
         raise ValueError(f"--chunk-size auto: {error}") from None
@@ -187,14 +188,18 @@ def held_out_rows(config: TrainConfig, tokenizer) -> HeldOutSet | None:
 
 
 def build_model(config: TrainConfig, device: torch.device):
-    """The model to train: loaded (or built from a preset), LoRA-wrapped unless lora_r=0, on `device`."""
-    weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
-    model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed)
+    """The model to train: loaded (or built from a preset; quantized with --load-in-4bit/8bit), LoRA-wrapped
+    unless lora_r=0, on `device` (a quantized base is loaded onto it: it cannot move afterwards)."""
+    weights_dtype, autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
+    quantization = config.quantization()
+    compute = quantization.compute_dtype(weights_dtype, autocast_dtype) if quantization.enabled else None
+    model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
+                           compute_dtype=compute, device=device)
     if config.lora_r > 0:
         targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
         model = add_lora(model, rank=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
                          option="--lora-targets")
-    return model.to(device)
+    return model if quantization.enabled else model.to(device)
 
 
 def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:
@@ -212,7 +217,10 @@ def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: 
         reference = ADAPTER_DISABLED
     else:
         weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)
-        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed).to(device).eval()
+        quantization = config.quantization()  # a copy of a quantized base is quantized alike
+        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
+                                   device=device)
+        reference = (reference if quantization.enabled else reference.to(device)).eval()
         reference.requires_grad_(False)
     resolve_reference(reference, model, handle, owner="--ref-model")  # a wrong vocabulary fails now, not at step 1
     return cls(beta=config.beta, reference=reference)
