@@ -395,6 +395,12 @@ class SeCO:
                     break
         return factors
 
+    def _guard_armed(self, objective: BoundObjective) -> bool:
+        """Whether this step's gradient will be checked for being all zero, if stage 2 backpropagates a chunk
+        with targets (`chunkwise.core.gradient_guard` says which steps and why): the objective's gradient cannot
+        legitimately vanish, `.grad` is where the gradient lands, and it starts at zero."""
+        return objective.zero_gradient_is_error and self.sync.gradients_in_grad and starts_at_zero(trainable_gradients(self.model))
+
 
 def _target_counts(batch: ChunkedBatch) -> tuple[int, ...]:
     """Valid (non -100) targets in each chunk."""
@@ -410,13 +416,6 @@ def _compensated_loss(losses: dict[int, torch.Tensor], factors: dict[int, float]
     if len({factors[c] for c in picked}) == 1:  # one factor (uniform, bernoulli): summed, then scaled
         return torch.stack([losses[c] for c in picked]).sum() * factors[picked[0]]
     return torch.stack([losses[c] * factors[c] for c in picked]).sum()
-
-
-    def _guard_armed(self, objective: BoundObjective) -> bool:
-        """Whether this step's gradient will be checked for being all zero, if stage 2 backpropagates a chunk
-        with targets (`chunkwise.core.gradient_guard` says which steps and why): the objective's gradient cannot
-        legitimately vanish, `.grad` is where the gradient lands, and it starts at zero."""
-        return objective.zero_gradient_is_error and self.sync.gradients_in_grad and starts_at_zero(trainable_gradients(self.model))
 
 
 class SpaCO(SeCO):
