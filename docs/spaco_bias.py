@@ -22,36 +22,24 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
-import types
+from pathlib import Path
 
 import torch
 
-from chunkwise import ChunkSampler, SeCO, SpaCO
+from chunkwise import SeCO, SpaCO
 from chunkwise.models.presets import build_tiny_model
+
+# The tests' FixedSelection and float64 RMSNorm patch (tests/spaco_reference.py, tests/tiny_models.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from spaco_reference import FixedSelection  # noqa: E402
+from tiny_models import norms_in_model_dtype  # noqa: E402
 
 SEQ_LEN = 64
 CHUNK_SIZE = 8  # k = 8 chunks: 2^8 = 256 selections per compensation factor
 BUDGETS = (2, 4, 6)
 CAP = 2.0  # the paper's max_compensation
-
-
-class FixedSelection(ChunkSampler):
-    """Always selects `chunks`, with the library's factor k / budget capped by max_compensation."""
-
-    name = "fixed"
-
-    def __init__(self, chunks, *, budget, max_compensation=None):
-        super().__init__(budget=budget, max_compensation=max_compensation)
-        self.chunks = tuple(chunks)
-
-    def _draw(self, num_chunks):
-        return self.chunks
-
-
-def rms_norm_in_model_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
 def gradient(model, engine, input_ids) -> torch.Tensor:
@@ -65,10 +53,7 @@ def gradient(model, engine, input_ids) -> torch.Tensor:
 
 
 def main() -> None:
-    model = build_tiny_model("tiny-llama", dtype=torch.float64, seed=0)
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(rms_norm_in_model_dtype, module)
+    model = norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
     input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     k = math.ceil(SEQ_LEN / CHUNK_SIZE)
     exact = gradient(model, SeCO(model, chunk_size=CHUNK_SIZE), input_ids)

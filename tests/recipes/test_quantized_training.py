@@ -16,24 +16,11 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from safetensors.torch import load_file  # noqa: E402
+from tokenizer_fixtures import WORDS, word_tokenizer  # noqa: E402
 
 from chunkwise.models.presets import build_tiny_model  # noqa: E402
 from chunkwise.recipes.evaluate import EvalConfig, evaluate  # noqa: E402
 from chunkwise.recipes.train import TrainConfig, train  # noqa: E402
-
-WORDS = [f"w{i}" for i in range(100)]
-
-
-def word_tokenizer():
-    """A word-level tokenizer over w0..w99 (ids below tiny-llama's vocabulary of 128)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
