@@ -35,7 +35,8 @@ import torch
 from multirank import CollectiveLog, run_ranks
 from reference import U32, max_relative_error
 
-from chunkwise import SeCO
+from chunkwise import SeCO, SpaCO
+from chunkwise.core.sampling import ChunkSampler, StepPlan
 from chunkwise.core.sync import shard_fsdp2
 from chunkwise.integrations.trainer import ChunkwiseConfig, ChunkwiseTrainer
 from chunkwise.models.loading import add_lora
@@ -52,7 +53,8 @@ def rank_batch(rank: int, step: int, labels: str = "all") -> dict:
 
     labels: "all" (every next token is a target); "middle" (tokens 5..12 are not: with 4-token chunks,
     chunks 1 and 2 have no target and only relay their KV gradient, through the transformer body alone);
-    "none on rank 1" (rank 1 has no target at all, yet must join the step's reduction).
+    "none on rank 1" (rank 1 has no target at all, yet must join the step's reduction); "end" (targets in the last
+    4 tokens only: the last chunk holds them all, the others are reached by the relay alone).
     """
     ids = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(100 * step + rank))
     targets = ids.clone()
@@ -60,6 +62,8 @@ def rank_batch(rank: int, step: int, labels: str = "all") -> dict:
         targets[:, 5:13] = -100
     elif labels == "none on rank 1" and rank == 1:
         targets[:] = -100
+    elif labels == "end":
+        targets[:, : SEQ - 3] = -100  # labels are shifted inside: the last 3 predictions, all in the last chunk
     return {"input_ids": ids, "labels": targets}
 
 
@@ -145,6 +149,7 @@ def deepspeed_worker(rank: int, environment: dict, out_dir: str) -> dict:
                 results["offload"] = {"calls": list(log.calls), "grads": {n: safe_get_full_grad(p).clone() for n, p in trainable(model)}}
                 ds.step()
             if stage == 3 and mode == "full":
+                results["adaptive"] = adaptive_step(rank, ds, trainable(model), safe_get_full_grad, safe_get_full_fp32_param)
                 # Sequences of different lengths: 6 chunks on rank 0, 7 on rank 1.
                 results["lockstep"] = refusal(lambda: engines[4].backward(torch.randint(0, 128, (1, SEQ + 4 * rank))))
     # Without ZeRO, DeepSpeed reduces inside its own backward: refused when the engine is built.
@@ -154,6 +159,24 @@ def deepspeed_worker(rank: int, environment: dict, out_dir: str) -> dict:
     results["stage 0"] = refusal(lambda: SeCO(ds, chunk_size=4))
     results["trainer"] = deepspeed_trainers(rank, out_dir)
     return results
+
+
+def adaptive_step(rank: int, ds, parameters: list, full_grad, full_param) -> dict:
+    """One `adaptive` SpaCO step under ZeRO-3, each rank with its own data and its own sampler seed.
+
+    ZeRO-3 gathers parameters in hooks on every module, so both ranks must visit the same chunks: the policy's
+    decisions are agreed (targets and relay norms summed over ranks, rank 0's draw). The seeds differ so that
+    the draws differ: ranks that decided alone would part ways (alone, rank 0 would keep chunk 3 and rank 1
+    chunk 2). 6 chunks, budget 2, the targets in the last chunk (kept with q = 1), the earlier chunks reached by
+    the relay only (kept with 0 < q < 1).
+    """
+    engine = SpaCO(ds, chunk_size=4, budget=2, sampling="adaptive", seed=12 + rank)
+    before = {n: full_param(p).clone() for n, p in parameters}
+    out = engine.backward(**rank_batch(rank, 6, "end"))
+    result = {"trace": engine.sampler.last_plan.trace, "selected": out.selected, "factors": out.factors,
+              "before": before, "grads": {n: full_grad(p).clone() for n, p in parameters}}
+    ds.step()
+    return result
 
 
 def refusal(action) -> str:
@@ -260,43 +283,107 @@ def single_process(mode: str, dtype: torch.dtype, ranks: list[dict]) -> dict:
     contribution to `.grad` (a chunk's backward) is recorded, so sum_c |g_c| and the count m are measured.
     """
     model = build_model(mode, dtype)
-    sizes, counts = {}, {}
-
-    def record(name):
-        def hook(p):  # after each accumulation into p.grad: the contribution is the increment
-            previous = sizes.setdefault(name, [torch.zeros_like(p), torch.zeros_like(p)])
-            previous[1] += (p.grad - previous[0]).abs()
-            previous[0] = p.grad.detach().clone()
-            counts[name] = counts.get(name, 0) + 1
-        return hook
-
-    handles = [p.register_post_accumulate_grad_hook(record(n)) for n, p in trainable(model)]
     results = {}
-    for number, (name, chunk_size, micro_batches) in enumerate(STEPS):
-        if number:
+    with ContributionRecorder(model) as recorder:
+        for number, (name, chunk_size, micro_batches) in enumerate(STEPS):
+            if number:
+                with torch.no_grad():
+                    for n, p in trainable(model):
+                        p.copy_(ranks[0][STEPS[number - 1][0]]["params"][n])
+
+            def rank_step(rank, chunk_size=chunk_size, micro_batches=micro_batches):
+                engine = SeCO(model, chunk_size=chunk_size)
+                for index, labels, num_items in micro_batches:
+                    engine.backward(**rank_batch(rank, index, labels), num_items=num_items)
+
+            total, magnitude, terms = recorder.mean_over_ranks(rank_step)
             with torch.no_grad():
                 for n, p in trainable(model):
-                    p.copy_(ranks[0][STEPS[number - 1][0]]["params"][n])
+                    p -= LR * total[n]
+            results[name] = {"grads": total, "params": {n: p.detach().clone() for n, p in trainable(model)},
+                             "tolerances": float32_tolerances(total, magnitude, terms, results_params(model))}
+            model.zero_grad(set_to_none=True)
+    return results
+
+
+class ContributionRecorder:
+    """Records every contribution to each trainable parameter's `.grad` (a chunk's backward): sum_c |g_c| and m.
+
+    Used as a context manager around the one-process reference; `mean_over_ranks` runs one step per rank.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.sizes, self.counts, self.handles = model, {}, {}, []
+
+    def __enter__(self):
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in trainable(self.model)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, name):
+        def hook(p):  # after each accumulation into p.grad: the contribution is the increment
+            previous = self.sizes.setdefault(name, [torch.zeros_like(p), torch.zeros_like(p)])
+            previous[1] += (p.grad - previous[0]).abs()
+            previous[0] = p.grad.detach().clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return hook
+
+    def mean_over_ranks(self, rank_step) -> tuple[dict, dict, dict]:
+        """`rank_step(rank)` for each rank from zero gradients: (mean gradient, mean sum_c |g_c|, total m) per name."""
         total, magnitude, terms = {}, {}, {}
         for rank in range(WORLD):
-            model.zero_grad(set_to_none=True)
-            sizes.clear(), counts.clear()
-            engine = SeCO(model, chunk_size=chunk_size)
-            for index, labels, num_items in micro_batches:
-                engine.backward(**rank_batch(rank, index, labels), num_items=num_items)
-            for n, p in trainable(model):  # no gradient at all: a rank without targets adds nothing
-                total[n] = total.get(n, 0) + (0 if p.grad is None else p.grad / WORLD)
-                magnitude[n] = magnitude.get(n, 0) + (0 if n not in sizes else sizes[n][1] / WORLD)
-                terms[n] = terms.get(n, 0) + counts.get(n, 0)
-        with torch.no_grad():
-            for n, p in trainable(model):
-                p -= LR * total[n]
-        results[name] = {"grads": total, "params": {n: p.detach().clone() for n, p in trainable(model)},
-                         "tolerances": float32_tolerances(total, magnitude, terms, results_params(model))}
-        model.zero_grad(set_to_none=True)
-    for handle in handles:
-        handle.remove()
-    return results
+            self.model.zero_grad(set_to_none=True)
+            self.sizes.clear(), self.counts.clear()
+            rank_step(rank)
+            for n, p in trainable(self.model):  # no gradient at all: a rank without targets adds nothing
+                total[n] = total.get(n, torch.zeros_like(p)) + (0 if p.grad is None else p.grad / WORLD)
+                magnitude[n] = magnitude.get(n, 0) + (0 if n not in self.sizes else self.sizes[n][1] / WORLD)
+                terms[n] = terms.get(n, 0) + self.counts.get(n, 0)
+        return total, magnitude, terms
+
+
+class ReplayPlan(StepPlan):
+    """Stage 2 decides as a recorded `adaptive` trace did: chunk j kept with factor 1/q_j where it was kept."""
+
+    online = True
+
+    def __init__(self, trace: list[tuple[int, float, bool]]):
+        self.factors = {chunk: 1.0 / q for chunk, q, kept in trace if kept}
+
+    def decide(self, chunk, state):
+        return self.factors.get(chunk)
+
+
+class ReplaySampler(ChunkSampler):
+    """A sampler whose every step replays one recorded trace (the one-process reference of an agreed step)."""
+
+    name = "replay"
+
+    def __init__(self, trace: list):
+        super().__init__(budget=2)
+        self.trace = trace
+
+    def plan(self, num_chunks: int) -> StepPlan:
+        return ReplayPlan(self.trace)
+
+    def _draw(self, num_chunks: int) -> tuple[int, ...]:
+        raise TypeError("ReplaySampler decides in stage 2")
+
+
+def adaptive_reference(ranks: list[dict]) -> dict:
+    """The agreed `adaptive` step in one process: each rank's SpaCO gradient with rank 0's trace replayed, averaged."""
+    model = build_model("full", torch.float32)
+    with torch.no_grad():
+        for n, p in trainable(model):
+            p.copy_(ranks[0]["before"][n])
+    with ContributionRecorder(model) as recorder:
+        engine = SpaCO(model, chunk_size=4, sampling=ReplaySampler(ranks[0]["trace"]))
+        total, magnitude, terms = recorder.mean_over_ranks(lambda rank: engine.backward(**rank_batch(rank, 6, "end")))
+    params = {n: p.detach() for n, p in trainable(model)}
+    return {"grads": total, "params": {}, "tolerances": float32_tolerances(total, magnitude, terms, params)}
 
 
 def results_params(model) -> dict:
@@ -374,6 +461,20 @@ def test_deepspeed_reduces_once_per_step_whatever_the_chunks(deepspeed_ranks, st
         for name, _, _ in STEPS:
             calls = rank[stage, mode][name]["calls"]
             assert [c for c in calls if c in ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter")] == DS_REDUCTION[stage], (name, calls)
+
+
+def test_adaptive_spaco_decides_alike_on_every_zero3_rank(deepspeed_ranks):
+    """ZeRO-3 with `adaptive` SpaCO: ranks with different data and different sampler seeds take the same decisions
+    (the same q at every chunk, the same chunks kept), and the reduced gradient is the mean of each rank's gradient
+    under those decisions, computed in one process (float32 bounds as above)."""
+    ranks = [r["adaptive"] for r in deepspeed_ranks]
+    assert ranks[0]["trace"] == ranks[1]["trace"]
+    assert ranks[0]["selected"] == ranks[1]["selected"] and ranks[0]["factors"] == ranks[1]["factors"]
+    # The last chunk (all the targets) was kept; earlier chunks had real draws (0 < q < 1) and some were skipped:
+    # decisions the ranks could have taken apart.
+    trace = ranks[0]["trace"]
+    assert trace[0] == (5, 1.0, True) and any(0 < q < 1 for _, q, _ in trace) and 2 <= len(ranks[0]["selected"]) < 6
+    assert_matches(ranks, adaptive_reference(ranks), rtol=None, what="ZeRO-3 adaptive")
 
 
 def test_kv_offload_with_zero2(deepspeed_ranks):
