@@ -96,7 +96,7 @@ def _check_right_padded(mask: torch.Tensor, packed: bool = False) -> None:
         raise ValueError("attention_mask has a row with no real token; drop empty rows from the batch")
 
 
-def _mask_document_ends(targets: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+def mask_document_ends(targets: torch.Tensor, documents: Documents | None) -> torch.Tensor:
     """`targets` `[B, T]` with each document's last token predicting nothing (its next token starts another document)."""
     if documents is None:
         return targets
@@ -191,7 +191,7 @@ def chunk_batch(
                 f"labels contains {int(labels[out_of_range][0])}: labels must be token ids in [0, {vocab_size}) "
                 f"or {IGNORE_INDEX} (ignored)"
             )
-    targets = _mask_document_ends(shift_labels(labels), documents)
+    targets = mask_document_ends(shift_labels(labels), documents)
     valid = targets != IGNORE_INDEX
     num_targets = int(valid.sum())
 
