@@ -29,7 +29,7 @@ class ChunkedBatch:
         num_targets: number of valid (non -100) targets in the batch.
         bounds: `[(start, end), ...]` token ranges of the chunks; the last one may be shorter.
         chunk_has_targets: for each chunk, whether any of its targets is valid.
-        position_ids: the caller's `[B, T]` positions (`[3, B, T]` for M-RoPE), or None: `0..T-1` in every row.
+        position_ids: the caller's `[B, T]` positions (`[3 or 4, B, T]` for M-RoPE), or None: `0..T-1` in every row.
         documents: a packed batch's document layout (`chunkwise.core.documents`), or None: one document per row.
         first_keys: for each chunk, the first key any of its queries may read (0 without documents).
     """
@@ -138,7 +138,7 @@ def chunk_batch(
     `input_ids`, with padded positions (attention_mask 0) set to -100 so padding is never a target;
     with `inputs_embeds` labels are required. Given labels are used as they are (-100 = ignore).
 
-    `position_ids` `[B, T]` (`[3, B, T]` M-RoPE) are passed to the model as given; where they restart at 0 a
+    `position_ids` `[B, T]` (`[3 or 4, B, T]` M-RoPE) are passed to the model as given; where they restart at 0 a
     new document begins (`chunkwise.core.documents`), and whatever the labels say, the last token of a
     document predicts nothing. `max_positions`: the model's `max_position_embeddings`, if it has one.
     """

@@ -289,8 +289,9 @@ class SeCO:
             position_ids: `[B, T]` integer positions, for packed rows (`DataCollatorWithFlattening`, TRL's
                 padding-free packing): where a position does not continue the previous one by +1 (it must then
                 be 0) a new document begins; each document attends only to itself (a sliding window too), and
-                its last token predicts nothing. M-RoPE models (Qwen2-VL): `[3, B, T]`, documents found from the
-                first (temporal) row. Default: `0..T-1` in every row. Packed rows need a model using 'sdpa' or
+                its last token predicts nothing. M-RoPE models (Qwen2-VL, Qwen2.5-VL): `[3, B, T]` (documents
+                found from the temporal row, which is the text position on text tokens) or transformers' packed
+                `[4, B, T]` (text positions first: documents found from them); passed to the model as given. Default: `0..T-1` in every row. Packed rows need a model using 'sdpa' or
                 'eager' attention.
             num_items: divide the summed token loss by this instead of the batch's valid-target count
                 (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
