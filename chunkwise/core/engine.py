@@ -307,6 +307,11 @@ class SeCO:
         objective = CrossEntropy() if objective is None else objective
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be a chunkwise.objectives.Objective (CrossEntropy, DPO, GRPO, ...), got {type(objective).__name__}")
+        if batch.documents is not None and not isinstance(objective, CrossEntropy):
+            # Sequence and token objectives score rows (per-row statistics, normalisations, reference passes that
+            # know nothing of documents): a packed row would silently be scored as one sequence.
+            raise ValueError(f"packed rows (position_ids restarting at 0) train with CrossEntropy; {type(objective).__name__} "
+                             "scores whole rows: give it one sequence per row")
         return objective.bind(batch, num_items=num_items, policy=Policy(self.model, self.handle, self.chunk_size))
 
     def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items, position_ids=None) -> ChunkedBatch:
