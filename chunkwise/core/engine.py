@@ -136,12 +136,14 @@ def forward_checkpoints(
     objective = BoundCrossEntropy(batch) if objective is None else objective
     sync = sync or GradientSync(handle)
     rng_states, reported = [], {}
+    last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
         head = chunk in report_only or objective.needs_stage_1_logits
         rng_states.append(_capture_rng(devices))
-        if not head and not batch.kv_is_read(chunk):
+        if not head and not batch.kv_is_read(chunk) and (chunk == last or not sync.lockstep):
             # No later chunk reads this chunk's KV (the last chunk; in a packed row, one whose documents all end
-            # in it): stage 1 has nothing to store.
+            # in it): stage 1 has nothing to store. (Under ZeRO-3 every rank runs the same chunks: other ranks'
+            # rows may need theirs.)
             cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
             continue
         _prepare(cache, batch, chunk, record=True)
