@@ -15,6 +15,11 @@ it and by what factor to scale its loss and relay (a `StepPlan`, see `chunkwise.
 and `bernoulli` drew their answer before stage 1, `adaptive` decides there, from the chunk's targets and
 the relay it received.
 
+Packed rows (`position_ids` restarting at 0, `chunkwise.core.documents`): each document attends to itself only.
+A chunk reads the past from the first key any of its queries may read (`ChunkedBatch.first_key`), so earlier
+chunks are neither computed on nor relayed into; stage 1 skips a chunk whose KV no later chunk reads, and stage 2
+one with no target that no later chunk read (its relay is None).
+
 What a chunk backpropagates is the objective's business (`chunkwise.core.objectives`): next-token cross-entropy by
 default; a sequence-level objective (DPO, ...) also has stage 1 run the LM head on every chunk to
 collect its per-sequence statistics.

@@ -178,3 +178,13 @@ def test_mrope_positions_are_passed_through(rows):
     assert_close_to(out, grads, ref_loss, ref_grads, F64_TOL)
     _, plain = per_document_backward(model, ids, positions)
     assert max_relative_error(plain, ref_grads) > 1e-3
+
+
+def test_eager_attention_gets_an_additive_mask():
+    """A model using eager attention reads the engine's per-document mask as an additive one (0 / float32 minimum)."""
+    model = build_tiny_model("tiny-mistral", dtype=torch.float64)
+    model.set_attn_implementation("eager")
+    ids, positions = packed_rows(LAYOUTS, seed=6)
+    ref_loss, ref_grads = per_document_backward(model, ids, positions)
+    out, grads = engine_backward(model, SeCO(model, chunk_size=CHUNK, attention="model"), ids, position_ids=positions)
+    assert_close_to(out, grads, ref_loss, ref_grads, F64_TOL)
