@@ -88,7 +88,7 @@ def test_the_documents_matter():
     assert max_relative_error(as_one, ref_grads) > 1e-2
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_spaco_with_full_budget_and_offload_are_seco_bit_for_bit(preset):
     model = build_tiny_model(preset, dtype=torch.float64)
     for layouts in (LAYOUTS, LAYOUTS[:1]):  # an offloaded single row streams its past; two rows move it
