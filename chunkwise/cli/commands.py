@@ -149,7 +149,9 @@ def plan(
     from chunkwise.models.presets import DEMO_MODEL
     from chunkwise.plan import Budget, ModelShape, Training, build_report, device_budget
 
-    device = default_device(device)
+    # Without a GPU here, plan for the GPU the model will train on (what users plan for), not for this CPU.
+    gpu_elsewhere = device == "auto" and not torch.cuda.is_available()
+    device = "cuda" if gpu_elsewhere else default_device(device)
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N (the device to plan for), got {device!r}")
     device_type = device.split(":")[0]
@@ -167,6 +169,9 @@ def plan(
     else:
         budget = None
     report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=budget)
+    if gpu_elsewhere:  # said once the plan is made, so that a bad setting stays a one-line error
+        print("chunkwise plan: no GPU on this machine: planning for a CUDA GPU (bfloat16 autocast; give its size with "
+              "--memory); pass --device cpu to plan for this machine's CPU (float32)", file=sys.stderr)
     fits = report.budget is None or not report.plans or any(report.budget.admits(p, device_type) for p in report.plans)
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))

@@ -141,9 +141,13 @@ def _add_plan(subparsers, shared: dict) -> None:
         "SeCO with the KV cache offloaded, broken into weights, gradients, optimizer state, KV cache and its "
         "gradient, activations and logits/loss. With --memory (or on this machine's device), also the chunk size "
         "--chunk-size auto would pick and the longest sequence each method fits. Only the config is read.",
-        parents=[shared["device"], shared["batch"], shared["attention"], shared["json"], shared["quantization"]],
+        parents=[shared["batch"], shared["attention"], shared["json"], shared["quantization"]],
     )
-    plan.add_argument("--model", required=True, help="hub id, local model folder, or tiny preset (only its config is read)")
+    plan.add_argument("--device", default="auto", help="cpu, cuda or cuda:N: the device to plan for (default auto: this machine's "
+                      "GPU, else a CUDA GPU in bfloat16, said on stderr)")
+    plan.add_argument("--model", required=True, help="hub id, local model folder (its config.json), or preset (tiny-llama, "
+                      "llama-8b, ...); only the config is read, and well-known hub ids (Llama 3.x, Qwen 2.5/3, Mistral 7B, "
+                      "Gemma 3) need no network")
     plan.add_argument("--seq-len", type=int, default=None, help="tokens per sequence: the breakdown at this length")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="the device's memory, e.g. 24GiB: the longest length and the chunk that fit (default: this machine's free memory on --device, if it has one)")
     plan.add_argument("--chunk-size", type=chunk_size_option, default="auto", help="tokens per chunk for seco/spaco (default auto: the largest that fits, else 1024)")

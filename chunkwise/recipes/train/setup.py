@@ -21,7 +21,15 @@ from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
 from chunkwise.data.preferences import read_preference_pairs
 from chunkwise.data.sequences import pad_token_id, read_sequences
 from chunkwise.data.synthetic import SYNTHETIC
-from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
+from chunkwise.models.loading import (
+    add_lora,
+    check_position_limit,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    preset_text_vocab,
+)
+from chunkwise.models.presets import DEMO_MODEL, PRESETS
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
 from chunkwise.recipes.run import RUN_FILE, is_run_directory, read_run_settings
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -141,7 +149,11 @@ def check_reference_config(config: TrainConfig, model_config) -> None:
 
 
 def tokenizer_for(config: TrainConfig):
-    """The model's tokenizer (None for tiny presets, and for a model without one on the synthetic task)."""
+    """The model's tokenizer: a preset's byte tokenizer on text data (`chunkwise.models.byte_tokenizer`), the
+    demo's word tokenizer; None for the other presets on the synthetic task (it brings its own ids), and for a
+    model without one on it."""
+    if config.data == SYNTHETIC and config.model in PRESETS and config.model != DEMO_MODEL:
+        return None
     try:
         return load_tokenizer(config.model)
     except (OSError, ValueError) as error:
@@ -194,12 +206,18 @@ def build_model(config: TrainConfig, device: torch.device):
     quantization = config.quantization()
     compute = quantization.compute_dtype(weights_dtype, autocast_dtype) if quantization.enabled else None
     model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
-                           compute_dtype=compute, device=device)
+                           compute_dtype=compute, device=device, vocab_size=text_vocab(config, config.model))
     if config.lora_r > 0:
         targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
         model = add_lora(model, rank=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
                          option="--lora-targets")
     return model if quantization.enabled else model.to(device)
+
+
+def text_vocab(config: TrainConfig, name: str) -> int | None:
+    """A tiny preset that reads text data is built with its byte tokenizer's 264 ids (`preset_text_vocab`); None:
+    the model's own vocabulary (on the synthetic task a preset keeps its 128 ids)."""
+    return None if config.data == SYNTHETIC else preset_text_vocab(name)
 
 
 def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:
@@ -218,8 +236,9 @@ def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: 
     else:
         weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)
         quantization = config.quantization()  # a copy of a quantized base is quantized alike
-        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
-                                   device=device)
+        name = config.ref_model or config.model
+        reference = load_causal_lm(name, dtype=weights_dtype, seed=config.seed, quantization=quantization, device=device,
+                                   vocab_size=text_vocab(config, name))
         reference = (reference if quantization.enabled else reference.to(device)).eval()
         reference.requires_grad_(False)
     resolve_reference(reference, model, handle, owner="--ref-model")  # a wrong vocabulary fails now, not at step 1
