@@ -252,8 +252,9 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
     """`chunkwise eval --task passkey|needle`: accuracy per length × depth, a table, a heat map and JSON."""
     from chunkwise.recipes.probe import DEFAULT_DEPTHS, ProbeConfig, run_probes, write_report
 
-    unused = [f"--{name.replace('_', '-')}" for name in ("data", "text_field", "prompt_field", "response_field")
-              if given.get(name) not in (None, "text")] + (["--batch-size"] if given.get("batch_size") != 1 else [])
+    data_options = ("data", "text_field", "prompt_field", "response_field", "messages_field", "response_separator", "glob")
+    unused = [f"--{name.replace('_', '-')}" for name in data_options if given.get(name) not in (None, "text")]
+    unused += ["--batch-size"] if given.get("batch_size") != 1 else []
     if unused:
         raise UsageError(f"{', '.join(unused)} do not apply to --task {task}: probes are built from the model's tokenizer")
     config = ProbeConfig(

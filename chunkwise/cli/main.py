@@ -59,6 +59,13 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
             (("--text-field",), dict(default="text", help="JSONL/dataset field with the text (default text)")),
             (("--prompt-field",), dict(default=None, help="instruction data: field with the prompt (its tokens are not scored)")),
             (("--response-field",), dict(default=None, help="instruction data: field with the response")),
+            (("--response-separator",), dict(default=None, help="instruction data: text between prompt and response "
+                                              "(default: the run's, else none: they are joined as they are)")),
+            (("--messages-field",), dict(default=None, help="conversations: field with the {role, content} turns, rendered "
+                                          "with the chat template, assistant turns scored (default: the run's; a "
+                                          "'messages' field is found without it)")),
+            (("--glob",), dict(default=None, help="files read from a --data folder, comma-separated patterns (default: the "
+                                "run's, else *.txt)")),
             (("--split",), dict(default="train", help="dataset split (default train)")),
         ),
     }

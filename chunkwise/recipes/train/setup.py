@@ -19,7 +19,8 @@ from chunkwise.core.config import ChunkwiseConfig
 from chunkwise.core.objectives import OBJECTIVES, Objective
 from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
 from chunkwise.data.preferences import read_preference_pairs
-from chunkwise.data.sequences import pad_token_id, read_sequences
+from chunkwise.data.files import load_records
+from chunkwise.data.sequences import hold_out, pad_token_id, read_sequences, sequences_from_records
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.loading import (
     add_lora,
@@ -34,7 +35,7 @@ from chunkwise.plan import PlanError, describe_parts, plan_training_step
 from chunkwise.recipes.run import RUN_FILE, is_run_directory, read_run_settings
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
 from chunkwise.recipes.train.distributed import Distributed
-from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out
+from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out, rows_held_out
 from chunkwise.utils.memory import format_bytes, parse_bytes
 from chunkwise.utils.precision import training_dtypes
 
@@ -174,23 +175,47 @@ def training_sequences(config: TrainConfig, tokenizer) -> list | None:
             config.data, tokenizer, seq_len=config.seq_len, prompt_field=config.prompt_field,
             chosen_field=config.chosen_field, rejected_field=config.rejected_field, split=config.split,
         )
+    if config.eval_fraction:
+        train, _ = split_data(config)
+        return sequences_from_records(train, tokenizer, seq_len=config.seq_len, packing=config.packing,
+                                      response_separator=config.response_separator)
     return read_sequences(
         config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
-        prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
+        prompt_field=config.prompt_field, response_field=config.response_field, split=config.split, **_read_options(config),
     )
 
 
+def _read_options(config: TrainConfig) -> dict:
+    """The data-format options `--data` and `--eval-data` are both read with (besides fields, split, packing)."""
+    return dict(messages_field=config.messages_field, response_separator=config.response_separator, glob=config.glob)
+
+
+def split_data(config: TrainConfig) -> tuple[list, list]:
+    """`--eval-fraction`: --data's documents split into (train, held out), the same on every call and rank (drawn with --seed)."""
+    records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
+                           response_field=config.response_field, messages_field=config.messages_field, split=config.split,
+                           glob=config.glob)
+    return hold_out(records, config.eval_fraction, seed=config.seed)
+
+
 def held_out_rows(config: TrainConfig, tokenizer) -> HeldOutSet | None:
-    """The `--eval-data` rows (None without it, or for the synthetic task's own stream). Read before the
-    model loads, like the training data, so a problem in them is reported at once."""
-    if not config.eval_every or config.eval_data in (None, SYNTHETIC):
+    """The `--eval-data` rows, or the documents `--eval-fraction` holds out of --data (None without either, or for
+    the synthetic task's own stream). Read before the model loads, like the training data, so a problem in them is
+    reported at once."""
+    if not config.eval_every or (config.eval_data in (None, SYNTHETIC) and not config.eval_fraction):
         return None
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer, so --eval-data {config.eval_data} cannot be read; use a model folder with its tokenizer")
+    if config.eval_fraction:
+        train, held = split_data(config)
+        rows = sequences_from_records(held, tokenizer, seq_len=config.seq_len, packing=config.packing,
+                                      response_separator=config.response_separator)
+        name = f"{config.data} ({len(held)} of {len(train) + len(held)} documents held out, --eval-fraction {config.eval_fraction:g})"
+        return rows_held_out(name, rows, batch_size=config.batch_size, pad_token_id=pad_token_id(tokenizer))
     return file_held_out(
         config.eval_data, tokenizer, batch_size=config.batch_size, seq_len=config.seq_len, packing=config.packing,
         pad_token_id=pad_token_id(tokenizer), text_field=config.text_field, prompt_field=config.prompt_field,
-        response_field=config.response_field, split=config.eval_split or config.split,
+        response_field=config.response_field, split=config.eval_split or config.split, **_read_options(config),
     )
 
 
