@@ -182,6 +182,18 @@ def plan(
     return 0 if fits else 1
 
 
+def export(*, model: str, output: str, dtype: str = "float32") -> int:
+    """`chunkwise export`: merge a run's LoRA adapter into its base and save a plain transformers folder."""
+    from chunkwise.recipes.export import export_model
+
+    result = export_model(model, output, dtype={"float16": torch.float16, **DTYPES}[dtype])
+    what = "LoRA adapter merged into its base" if result.merged else "model saved as it was (no adapter to merge)"
+    print(f"chunkwise export: {model}: {what}; {result.parameters:,} parameters in {dtype}"
+          f"{', with its tokenizer' if result.tokenizer else ', no tokenizer'} -> {result.output}\n"
+          f"load it with AutoModelForCausalLM.from_pretrained({str(result.output)!r})")
+    return 0
+
+
 def train(given: dict) -> int:
     """`chunkwise train`: options the user gave override the run's saved settings (on --resume) or the defaults."""
     from chunkwise.recipes.run import is_run_directory, read_run_settings

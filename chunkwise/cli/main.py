@@ -5,6 +5,7 @@
     chunkwise plan --model meta-llama/Llama-3.1-8B --seq-len 32768 --memory 80GiB
     chunkwise train                      # the built-in demo; see `chunkwise train --help`
     chunkwise eval --model runs/chunkwise
+    chunkwise export --model runs/chunkwise --output merged   # LoRA merged: a plain transformers folder
 
 `chunkwise train`'s options are generated from `TrainConfig`'s fields and their docstrings
 (`chunkwise.cli.options`); the options several commands share come from small parent parsers.
@@ -33,6 +34,7 @@ COMMANDS = {
     "plan": lambda options: commands.plan(**commands.with_quantization(options)),
     "train": commands.train,
     "eval": commands.evaluate,
+    "export": lambda options: commands.export(**options),
 }
 
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(subparsers, shared)
     _add_train(subparsers)
     _add_eval(subparsers, shared)
+    _add_export(subparsers)
     return parser
 
 
@@ -199,6 +202,20 @@ def _add_eval(subparsers, shared: dict) -> None:
     evaluate.add_argument("--depths", default=None, help="passkey/needle: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     evaluate.add_argument("--num-probes", type=int, default=None, help="passkey/needle: probes per length and depth (default 5)")
     evaluate.add_argument("--output", default=None, help="passkey/needle: folder for <task>.png (heat map) and <task>.json (default probe-results)")
+
+
+def _add_export(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="write a run's model as a plain transformers folder, its LoRA adapter merged into the weights",
+        description="Load a run directory (its final model, else its latest checkpoint) or a model/adapter folder, merge a "
+        "LoRA adapter into the base weights (peft's merge_and_unload; a QLoRA run's base is loaded unquantized) and save "
+        "the model and tokenizer to --output, loadable with AutoModelForCausalLM.from_pretrained without peft.",
+    )
+    export.add_argument("--model", required=True, help="run directory, or model/adapter folder")
+    export.add_argument("--output", required=True, help="new (or empty) folder for the exported model")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="precision of the saved weights (default float32)")
 
 
 def main(argv: list[str] | None = None) -> int:
