@@ -62,7 +62,8 @@ class Record:
         instruction = self.prompt is not None or self.response is not None
         kinds = [self.text is not None, instruction, self.messages is not None]
         if sum(kinds) != 1 or (instruction and (self.prompt is None or self.response is None)):
-            raise ValueError(f"Record {self.source}: give either text, or both prompt and response, or messages")
+            conversation = ", or messages" if self.messages is not None else ""
+            raise ValueError(f"Record {self.source}: give either text, or both prompt and response{conversation}")
 
     @property
     def is_instruction(self) -> bool:
@@ -169,7 +170,8 @@ def load_records(
         return _non_empty(_records_from_dataset(dataset, name, fields), name, f"its split {split!r} has no rows")
     if local.is_dir():
         _check_plain_text_fields(name, fields)
-        return _non_empty(_load_text_directory(local, glob), name, f"it has no non-empty file matching {glob!r} (set the glob)")
+        why = "it has no non-empty *.txt file" if glob == "*.txt" else f"it has no non-empty file matching {glob!r} (check the glob)"
+        return _non_empty(_load_text_directory(local, glob), name, why)
     if local.is_file():
         return _non_empty(_load_file(local, name, fields, split), name, "the file is empty")
     if _looks_local(name):
@@ -194,11 +196,14 @@ def _check_fields(text_field: str, prompt_field: str | None, response_field: str
 def _check_plain_text_fields(name: str, fields: _Fields) -> None:
     # Plain text has no fields to split into prompt and response; ignoring the options would
     # silently train on the prompts too.
-    if fields.instruction or fields.messages is not None:
+    if fields.instruction:
         raise DataError(
-            f"{name} is plain text, which has no prompt, response or messages fields; give instruction data and "
-            "conversations as JSONL or a dataset, or drop those fields"
+            f"{name} is plain text, which has no prompt and response fields; give instruction data as "
+            "JSONL or a dataset, or drop prompt_field and response_field"
         )
+    if fields.messages is not None:
+        raise DataError(f"{name} is plain text, which has no messages field; give conversations as JSONL or a dataset, "
+                        "or drop messages_field")
 
 
 def _non_empty(records: list[Record], name: str, why: str) -> list[Record]:
