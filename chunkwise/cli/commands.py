@@ -1,4 +1,4 @@
-"""The `chunkwise` subcommands, each a plain function of the parsed options: verify, bench, plan, train, eval.
+"""The `chunkwise` subcommands, each a plain function of the parsed options: verify, bench, plan, train, eval, export.
 
 Heavy imports (models, the planner, the benchmark harness) happen inside the command that needs them, so
 `chunkwise --help` and each command start fast and import only what they use.

@@ -55,7 +55,9 @@ class TrainConfig:
     }
 
     model: str | None = None
-    """Hub id, local directory, or tiny preset; None: the demo model (a small Llama, trained from scratch)."""
+    """Hub id, local directory, or preset: tiny-llama, ... (random weights; they read text with a byte tokenizer built
+    in code, nothing downloaded) or a bench shape (llama-1b, llama-8b, ...); None: the demo model (a small Llama,
+    trained from scratch)."""
     data: str | None = None
     """.txt file or folder, .jsonl, .json/.csv/.parquet, a `save_to_disk` folder, a hub dataset, or
     "synthetic" (the key→value recall task, generated on the fly; the default)."""

@@ -95,6 +95,8 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     """What the model's config alone decides, before any weight or tokenizer loads: the model exists, the
     length is within its positions, and `--chunk-size auto` becomes a number (`chunkwise.plan`)."""
     model_config = load_model_config(config.model)
+    if text_vocab(config, config.model):  # a tiny preset reading text is built with its byte tokenizer's ids
+        model_config.vocab_size = text_vocab(config, config.model)
     check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
     check_reference_config(config, model_config)
     if config.chunk_size != "auto":
@@ -136,7 +138,8 @@ def check_reference_config(config: TrainConfig, model_config) -> None:
     if config.ref_model is None:
         return
     vocab = getattr(model_config.get_text_config(), "vocab_size", None)
-    reference_vocab = getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None)
+    reference_vocab = (text_vocab(config, config.ref_model)
+                       or getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None))
     if None not in (vocab, reference_vocab) and vocab != reference_vocab:
         raise ValueError(
             f"--ref-model {config.ref_model}: the reference model's vocabulary has {reference_vocab} tokens, {config.model}'s "
