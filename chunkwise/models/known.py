@@ -101,8 +101,9 @@ KNOWN_CONFIGS: dict[str, dict] = {
     "google/gemma-3-27b-pt": _gemma3(5376, 62, 32, 16, 128, 21504, window=1024, positions=131072, vocab=262208, scalar=168, scaling=_GEMMA_LINEAR_8),
     "google/gemma-3-27b-it": _gemma3(5376, 62, 32, 16, 128, 21504, window=1024, positions=131072, vocab=262208, scalar=168, scaling=_GEMMA_LINEAR_8),
 }
-# Qwen3's post-trained and base checkpoints share a shape.
-KNOWN_CONFIGS.update({f"{name}-Base": fields for name, fields in list(KNOWN_CONFIGS.items()) if name.startswith("Qwen/Qwen3-")})
+# Qwen3's post-trained checkpoints and their -Base ones (published for 0.6B to 14B) share a shape.
+KNOWN_CONFIGS.update({f"{name}-Base": KNOWN_CONFIGS[name] for name in
+                      ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B", "Qwen/Qwen3-14B")})
 
 
 def known_config(name: str):
