@@ -38,3 +38,23 @@ def test_report_to_tensorboard_without_the_package_says_how_to_install_it(tmp_pa
     err = capsys.readouterr().err
     assert "needs the tensorboard package: pip install tensorboard" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_hides_the_events_of_the_steps_it_redoes(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from chunkwise.recipes.train.reporting import MetricsLog
+
+    first = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
+    for step in (1, 2, 3):
+        first.append({"kind": "train", "step": step, "loss": float(step)})
+    first.close()
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tb")
+    assert resumed.truncate_after(1) == 2  # the checkpoint was at step 1: steps 2 and 3 are redone
+    for step in (2, 3):
+        resumed.append({"kind": "train", "step": step, "loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]

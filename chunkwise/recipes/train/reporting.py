@@ -49,6 +49,8 @@ class MetricsLog:
         records = self.records()
         kept = [record for record in records if record["step"] <= step]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        if self.board is not None:
+            self.board.purge_after(step)
         return len(records) - len(kept)
 
 
@@ -67,16 +69,25 @@ class TensorBoardLog:
     """`--report-to tensorboard`: every number of a metrics record as a scalar, `train/loss`, `eval/accuracy`, ..."""
 
     def __init__(self, folder: Path):
-        self.writer = require_tensorboard()(log_dir=str(folder))
+        self.writer_class, self.folder = require_tensorboard(), folder
+        self.writer = None  # opened at the first record, so that a resumed run can first say what to purge
+        self.purge_step = None
+
+    def purge_after(self, step: int) -> None:
+        """A resumed run redoes the steps after `step`: TensorBoard hides the earlier session's events from step + 1 on."""
+        self.purge_step = step + 1
 
     def append(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = self.writer_class(log_dir=str(self.folder), purge_step=self.purge_step)
         for key, value in record.items():
             if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
         self.writer.flush()  # a step takes seconds: flushing each record keeps the events current if the run dies
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
