@@ -26,3 +26,15 @@ def test_parameter_counts_are_the_published_ones(name, published):
     from chunkwise.plan import ModelShape
 
     assert ModelShape.from_name(name).parameters == pytest.approx(published, rel=0.01)
+
+
+def test_bench_names_are_presets_for_loading_and_planning(monkeypatch):
+    import socket
+
+    from chunkwise.models.loading import load_causal_lm, load_tokenizer
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("tried the network"))
+    model = load_causal_lm("quick", seed=1)  # random weights from the bench config, as `chunkwise bench` builds it
+    assert model.config.hidden_size == 128 and model.config.vocab_size == 2048
+    assert load_model_config("llama-8b").num_hidden_layers == 32
+    assert load_tokenizer("quick")("ab")["input_ids"] == [257, 97, 98]  # the byte tokenizer: its ids fit any bench vocabulary
