@@ -1,4 +1,4 @@
-"""`chunkwise train | eval | verify | plan | bench` (`eval --task passkey|needle` runs the probes)."""
+"""`chunkwise train | eval | export | verify | plan | bench` (`eval --task passkey|needle` runs the probes)."""
 
 from chunkwise.cli.main import main
 

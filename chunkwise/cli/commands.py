@@ -1,4 +1,4 @@
-"""The `chunkwise` subcommands, each a plain function of the parsed options: verify, bench, plan, train, eval.
+"""The `chunkwise` subcommands, each a plain function of the parsed options: verify, bench, plan, train, eval, export.
 
 Heavy imports (models, the planner, the benchmark harness) happen inside the command that needs them, so
 `chunkwise --help` and each command start fast and import only what they use.
@@ -149,7 +149,9 @@ def plan(
     from chunkwise.models.presets import DEMO_MODEL
     from chunkwise.plan import Budget, ModelShape, Training, build_report, device_budget
 
-    device = default_device(device)
+    # Without a GPU here, plan for the GPU the model will train on (what users plan for), not for this CPU.
+    gpu_elsewhere = device == "auto" and not torch.cuda.is_available()
+    device = "cuda" if gpu_elsewhere else default_device(device)
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N (the device to plan for), got {device!r}")
     device_type = device.split(":")[0]
@@ -167,6 +169,9 @@ def plan(
     else:
         budget = None
     report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=budget)
+    if gpu_elsewhere:  # said once the plan is made, so that a bad setting stays a one-line error
+        print("chunkwise plan: no GPU on this machine: planning for a CUDA GPU (bfloat16 autocast; give its size with "
+              "--memory); pass --device cpu to plan for this machine's CPU (float32)", file=sys.stderr)
     fits = report.budget is None or not report.plans or any(report.budget.admits(p, device_type) for p in report.plans)
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
@@ -175,6 +180,18 @@ def plan(
     if not fits:
         print(f"chunkwise plan: {seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
     return 0 if fits else 1
+
+
+def export(*, model: str, output: str, dtype: str = "float32") -> int:
+    """`chunkwise export`: merge a run's LoRA adapter into its base and save a plain transformers folder."""
+    from chunkwise.recipes.export import export_model
+
+    result = export_model(model, output, dtype={"float16": torch.float16, **DTYPES}[dtype])
+    what = "LoRA adapter merged into its base" if result.merged else "model saved as it was (no adapter to merge)"
+    print(f"chunkwise export: {model}: {what}; {result.parameters:,} parameters in {dtype}"
+          f"{', with its tokenizer' if result.tokenizer else ', no tokenizer'} -> {result.output}\n"
+          f"load it with AutoModelForCausalLM.from_pretrained({str(result.output)!r})")
+    return 0
 
 
 def train(given: dict) -> int:
@@ -247,8 +264,9 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
     """`chunkwise eval --task passkey|needle`: accuracy per length × depth, a table, a heat map and JSON."""
     from chunkwise.recipes.probe import DEFAULT_DEPTHS, ProbeConfig, run_probes, write_report
 
-    unused = [f"--{name.replace('_', '-')}" for name in ("data", "text_field", "prompt_field", "response_field")
-              if given.get(name) not in (None, "text")] + (["--batch-size"] if given.get("batch_size") != 1 else [])
+    data_options = ("data", "text_field", "prompt_field", "response_field", "messages_field", "response_separator", "glob")
+    unused = [f"--{name.replace('_', '-')}" for name in data_options if given.get(name) not in (None, "text")]
+    unused += ["--batch-size"] if given.get("batch_size") != 1 else []
     if unused:
         raise UsageError(f"{', '.join(unused)} do not apply to --task {task}: probes are built from the model's tokenizer")
     config = ProbeConfig(

@@ -5,6 +5,7 @@
     chunkwise plan --model meta-llama/Llama-3.1-8B --seq-len 32768 --memory 80GiB
     chunkwise train                      # the built-in demo; see `chunkwise train --help`
     chunkwise eval --model runs/chunkwise
+    chunkwise export --model runs/chunkwise --output merged   # LoRA merged: a plain transformers folder
 
 `chunkwise train`'s options are generated from `TrainConfig`'s fields and their docstrings
 (`chunkwise.cli.options`); the options several commands share come from small parent parsers.
@@ -33,6 +34,7 @@ COMMANDS = {
     "plan": lambda options: commands.plan(**commands.with_quantization(options)),
     "train": commands.train,
     "eval": commands.evaluate,
+    "export": lambda options: commands.export(**options),
 }
 
 
@@ -59,6 +61,13 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
             (("--text-field",), dict(default="text", help="JSONL/dataset field with the text (default text)")),
             (("--prompt-field",), dict(default=None, help="instruction data: field with the prompt (its tokens are not scored)")),
             (("--response-field",), dict(default=None, help="instruction data: field with the response")),
+            (("--response-separator",), dict(default=None, help="instruction data: text between prompt and response "
+                                              "(default: the run's, else none: they are joined as they are)")),
+            (("--messages-field",), dict(default=None, help="conversations: field with the {role, content} turns, rendered "
+                                          "with the chat template, assistant turns scored (default: the run's; a "
+                                          "'messages' field is found without it)")),
+            (("--glob",), dict(default=None, help="files read from a --data folder, comma-separated patterns (default: the "
+                                "run's, else *.txt)")),
             (("--split",), dict(default="train", help="dataset split (default train)")),
         ),
     }
@@ -83,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(subparsers, shared)
     _add_train(subparsers)
     _add_eval(subparsers, shared)
+    _add_export(subparsers)
     return parser
 
 
@@ -141,9 +151,13 @@ def _add_plan(subparsers, shared: dict) -> None:
         "SeCO with the KV cache offloaded, broken into weights, gradients, optimizer state, KV cache and its "
         "gradient, activations and logits/loss. With --memory (or on this machine's device), also the chunk size "
         "--chunk-size auto would pick and the longest sequence each method fits. Only the config is read.",
-        parents=[shared["device"], shared["batch"], shared["attention"], shared["json"], shared["quantization"]],
+        parents=[shared["batch"], shared["attention"], shared["json"], shared["quantization"]],
     )
-    plan.add_argument("--model", required=True, help="hub id, local model folder, or tiny preset (only its config is read)")
+    plan.add_argument("--device", default="auto", help="cpu, cuda or cuda:N: the device to plan for (default auto: this machine's "
+                      "GPU, else a CUDA GPU in bfloat16, said on stderr)")
+    plan.add_argument("--model", required=True, help="hub id, local model folder (its config.json), or preset (tiny-llama, "
+                      "llama-8b, ...); only the config is read, and well-known hub ids (Llama 3.x, Qwen 2.5/3, Mistral 7B, "
+                      "Gemma 3) need no network")
     plan.add_argument("--seq-len", type=int, default=None, help="tokens per sequence: the breakdown at this length")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="the device's memory, e.g. 24GiB: the longest length and the chunk that fit (default: this machine's free memory on --device, if it has one)")
     plan.add_argument("--chunk-size", type=chunk_size_option, default="auto", help="tokens per chunk for seco/spaco (default auto: the largest that fits, else 1024)")
@@ -188,6 +202,20 @@ def _add_eval(subparsers, shared: dict) -> None:
     evaluate.add_argument("--depths", default=None, help="passkey/needle: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     evaluate.add_argument("--num-probes", type=int, default=None, help="passkey/needle: probes per length and depth (default 5)")
     evaluate.add_argument("--output", default=None, help="passkey/needle: folder for <task>.png (heat map) and <task>.json (default probe-results)")
+
+
+def _add_export(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="write a run's model as a plain transformers folder, its LoRA adapter merged into the weights",
+        description="Load a run directory (its final model, else its latest checkpoint) or a model/adapter folder, merge a "
+        "LoRA adapter into the base weights (peft's merge_and_unload; a QLoRA run's base is loaded unquantized) and save "
+        "the model and tokenizer to --output, loadable with AutoModelForCausalLM.from_pretrained without peft.",
+    )
+    export.add_argument("--model", required=True, help="run directory, or model/adapter folder")
+    export.add_argument("--output", required=True, help="new (or empty) folder for the exported model")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="precision of the saved weights (default float32)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 A ladder of small steps, each usable on its own:
 
-    load_records      path            -> [Record]             raw text, or prompt + response
+    load_records      path            -> [Record]             raw text, prompt + response, or a conversation
     tokenize_records  [Record]        -> [TokenizedDocument]  token ids and labels (-100 on prompt tokens)
     make_sequences    documents       -> [Sequence]           packed or truncated to seq_len tokens
     collate           [Sequence]      -> {"input_ids", "attention_mask", "labels"}, each [B, T]
@@ -18,6 +18,7 @@ data is read, before any model is loaded or step is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,29 +41,41 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One raw example before tokenisation: either `text`, or both `prompt` and `response`.
+    """One raw example before tokenisation: `text`, or both `prompt` and `response`, or `messages`.
 
     Attributes:
         source: where it came from, for error messages: "data/train.jsonl:12", "docs/a.txt", "name[3]".
         text: a plain-text document (language modelling: every token is a target).
         prompt: instruction data: the prompt's tokens are context only (label -100) ...
         response: ... and the response's tokens are the targets.
+        messages: a conversation, `({"role": ..., "content": ...}, ...)` (TRL's conversational format): rendered
+            with the tokenizer's chat template, the assistant turns' tokens are the targets (`data.conversations`).
     """
 
     source: str
     text: str | None = None
     prompt: str | None = None
     response: str | None = None
+    messages: tuple[dict, ...] | None = None
 
     def __post_init__(self):
         instruction = self.prompt is not None or self.response is not None
-        complete = (self.prompt is not None and self.response is not None) if instruction else self.text is not None
-        if not complete or (instruction and self.text is not None):
-            raise ValueError(f"Record {self.source}: give either text, or both prompt and response")
+        kinds = [self.text is not None, instruction, self.messages is not None]
+        if sum(kinds) != 1 or (instruction and (self.prompt is None or self.response is None)):
+            conversation = ", or messages" if self.messages is not None else ""
+            raise ValueError(f"Record {self.source}: give either text, or both prompt and response{conversation}")
 
     @property
     def is_instruction(self) -> bool:
         return self.prompt is not None
+
+    @property
+    def is_conversation(self) -> bool:
+        return self.messages is not None
+
+
+# A row without the text field but with this one is read as a conversation (TRL's conversational format).
+MESSAGES = "messages"
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class _Fields:
     text: str
     prompt: str | None
     response: str | None
+    messages: str | None = None
 
     @property
     def instruction(self) -> bool:
@@ -80,14 +94,38 @@ class _Fields:
     @property
     def options(self) -> dict[str, str]:
         """{field name: load_records option that chose it}, in the order the fields are read."""
+        if self.messages is not None:
+            return {self.messages: "messages_field"}
         if self.instruction:
             return {self.prompt: "prompt_field", self.response: "response_field"}
         return {self.text: "text_field"}
 
+    def detected(self, keys, name: str) -> _Fields:
+        """These fields, or a conversation's when the data has no text field but a `messages` one (logged once)."""
+        if self.instruction or self.messages is not None or self.text in keys or MESSAGES not in keys:
+            return self
+        logger.info("%s: no %r field, reading the conversations in %r (chat template, loss on assistant turns)", name, self.text, MESSAGES)
+        return dataclasses.replace(self, messages=MESSAGES)
+
     def record(self, source: str, row: dict) -> Record:
+        if self.messages is not None:
+            return Record(source, messages=_checked_messages(row[self.messages], source, self.messages))
         if self.instruction:
             return Record(source, prompt=row[self.prompt], response=row[self.response])
         return Record(source, text=row[self.text])
+
+
+def _checked_messages(value, source: str, field: str) -> tuple[dict, ...]:
+    """A conversation's turns, checked: a list of {"role": str, "content": str} with at least one assistant turn."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{source}: field {field!r} must be a non-empty list of {{\"role\", \"content\"}} turns, got "
+                        f"{type(value).__name__}; fix the data")
+    for number, turn in enumerate(value, start=1):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise DataError(f"{source}: turn {number} of {field!r} is not a {{\"role\": str, \"content\": str}} object; fix the data")
+    if not any(turn["role"] == "assistant" for turn in value):
+        raise DataError(f"{source}: the conversation has no assistant turn, so nothing to train on; add one or remove it")
+    return tuple({"role": turn["role"], "content": turn["content"]} for turn in value)
 
 
 def load_records(
@@ -96,16 +134,21 @@ def load_records(
     text_field: str = "text",
     prompt_field: str | None = None,
     response_field: str | None = None,
+    messages_field: str | None = None,
     split: str = "train",
+    glob: str = "*.txt",
 ) -> list[Record]:
     """Read the raw examples at `path`, in order.
 
     `path` may be:
 
-    * a `.txt` file (the whole file is one document), or a directory: every `*.txt` below it, sorted
-      by path, one document each (empty files are skipped);
+    * a `.txt` file (the whole file is one document), or a directory: every file below it whose name matches
+      `glob` (default `*.txt`; several patterns separated by commas, e.g. "*.txt,*.md"), sorted by path, one
+      UTF-8 text document each (empty files are skipped);
     * a `.jsonl` file: one JSON object per line (blank lines skipped); the example is the `text_field`
-      string, or, with `prompt_field` and `response_field`, those two strings (instruction data);
+      string, or, with `prompt_field` and `response_field`, those two strings (instruction data), or, with
+      `messages_field`, a list of `{"role", "content"}` turns (a conversation). A row with no `text_field`
+      but a "messages" field is read as a conversation without being told;
     * a `.json`, `.csv` or `.parquet` file, read with `datasets.load_dataset(..., split=split)` (a
       single file is the split "train"; slices such as "train[:100]" work);
     * a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`split` picks
@@ -119,7 +162,7 @@ def load_records(
         DataError: the path does not exist, a file cannot be read or parsed, a field is missing or
             not a string, or no example was found.
     """
-    fields = _check_fields(text_field, prompt_field, response_field)
+    fields = _check_fields(text_field, prompt_field, response_field, messages_field)
     name = os.fspath(path)
     local = Path(name).expanduser()
     if local.is_dir() and _is_saved_dataset(local):
@@ -127,7 +170,8 @@ def load_records(
         return _non_empty(_records_from_dataset(dataset, name, fields), name, f"its split {split!r} has no rows")
     if local.is_dir():
         _check_plain_text_fields(name, fields)
-        return _non_empty(_load_text_directory(local), name, "it has no non-empty *.txt file")
+        why = "it has no non-empty *.txt file" if glob == "*.txt" else f"it has no non-empty file matching {glob!r} (check the glob)"
+        return _non_empty(_load_text_directory(local, glob), name, why)
     if local.is_file():
         return _non_empty(_load_file(local, name, fields, split), name, "the file is empty")
     if _looks_local(name):
@@ -136,14 +180,17 @@ def load_records(
     return _non_empty(_records_from_dataset(dataset, name, fields), name, f"its split {split!r} has no rows")
 
 
-def _check_fields(text_field: str, prompt_field: str | None, response_field: str | None) -> _Fields:
+def _check_fields(text_field: str, prompt_field: str | None, response_field: str | None, messages_field: str | None) -> _Fields:
+    if messages_field is not None and (prompt_field is not None or response_field is not None):
+        raise DataError("a conversation's messages_field and instruction data's prompt_field / response_field are two "
+                        "formats: give one of them")
     if (prompt_field is None) != (response_field is None):
         given = f"prompt_field={prompt_field!r}" if prompt_field is not None else f"response_field={response_field!r}"
         raise DataError(
             f"instruction data needs both prompt_field and response_field, got only {given}; "
             "give both, or neither to train on text_field"
         )
-    return _Fields(text_field, prompt_field, response_field)
+    return _Fields(text_field, prompt_field, response_field, messages_field)
 
 
 def _check_plain_text_fields(name: str, fields: _Fields) -> None:
@@ -154,6 +201,9 @@ def _check_plain_text_fields(name: str, fields: _Fields) -> None:
             f"{name} is plain text, which has no prompt and response fields; give instruction data as "
             "JSONL or a dataset, or drop prompt_field and response_field"
         )
+    if fields.messages is not None:
+        raise DataError(f"{name} is plain text, which has no messages field; give conversations as JSONL or a dataset, "
+                        "or drop messages_field")
 
 
 def _non_empty(records: list[Record], name: str, why: str) -> list[Record]:
@@ -205,10 +255,17 @@ def _read_text(file: Path, name: str) -> str:
         raise DataError(f"cannot read {name}: {error.strerror or error}; check that it is a readable file") from error
 
 
-def _load_text_directory(directory: Path) -> list[Record]:
-    """One record per non-empty `*.txt` file below `directory`, sorted by path (subdirectories included)."""
-    files = [file for file in directory.rglob("*") if file.suffix.lower() == ".txt" and file.is_file()]
-    files.sort(key=lambda file: file.relative_to(directory).parts)
+def _load_text_directory(directory: Path, glob: str = "*.txt") -> list[Record]:
+    """One record per non-empty file below `directory` whose name matches one of the comma-separated patterns of
+    `glob`, sorted by path; each pattern is matched in every subfolder, as `Path.rglob` does (`*.md`, `notes/*.md`)."""
+    patterns = [pattern.strip() for pattern in glob.split(",") if pattern.strip()]
+    if not patterns:
+        raise DataError(f"glob {glob!r} holds no pattern; give one such as '*.txt' or '*.txt,*.md'")
+    # `*.txt` also matches "A.TXT", as the folder reader always did; other patterns match as written.
+    matched = {file for pattern in patterns for file in directory.rglob(pattern) if file.is_file()}
+    if "*.txt" in patterns:
+        matched |= {file for file in directory.rglob("*") if file.suffix.lower() == ".txt" and file.is_file()}
+    files = sorted(matched, key=lambda file: file.relative_to(directory).parts)
     records = []
     for file in files:
         text = _read_text(file, str(file))
@@ -223,6 +280,8 @@ def _load_jsonl(file: Path, name: str, fields: _Fields) -> list[Record]:
         if line.strip():
             source = f"{name}:{number}"
             row = _parse_json_object(line, source)
+            if not records:  # the first row decides whether rows without the text field are conversations
+                fields = fields.detected(row, name)
             records.append(fields.record(source, _checked_row(row, fields, source, "line")))
     return records
 
@@ -262,7 +321,7 @@ def _checked_row(row: dict, fields: _Fields, source: str, what: str) -> dict:
             raise DataError(
                 f"{source} has no field {field!r} (its keys: {keys}); set {option} to the right field or fix the {what}"
             )
-        if not isinstance(row[field], str):
+        if field != fields.messages and not isinstance(row[field], str):  # a conversation's turns are checked by the record
             raise DataError(f"{source}: field {field!r} is {type(row[field]).__name__}, not a string; fix the {what}")
     return row
 
@@ -340,6 +399,7 @@ def _one_line(error: Exception) -> str:
 
 def _records_from_dataset(dataset, name: str, fields: _Fields) -> list[Record]:
     columns = list(dataset.column_names)
+    fields = fields.detected(columns, name)
     for field, option in fields.options.items():
         if field not in columns:
             listed = ", ".join(repr(column) for column in columns) or "none"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from dataclasses import dataclass
 
 import torch
 
 from chunkwise.core.loss import IGNORE_INDEX
+from chunkwise.data.conversations import check_chat_template, conversation_tokens
 from chunkwise.data.files import DataError, Record, load_records
 
 logger = logging.getLogger(__name__)
@@ -30,27 +32,37 @@ class TokenizedDocument:
     labels: list[int]
 
 
-def tokenize_records(records: list[Record], tokenizer) -> list[TokenizedDocument]:
+def tokenize_records(records: list[Record], tokenizer, *, response_separator: str = "") -> list[TokenizedDocument]:
     """Tokenise each record with a Hugging Face tokenizer, in order.
 
     Text: the tokenizer's ids with its default special tokens (e.g. BOS), then `eos_token_id` when the
     tokenizer has one and did not put it last already, so a model learns where a document ends and
     packed documents stay separated; every token is a target.
 
-    Instruction: `tokenizer(prompt)` (default special tokens) followed by `tokenizer(response)`
-    without special tokens, plus EOS when there is one; only response tokens (and EOS) are targets.
-    The two are tokenised separately and joined as they are, so any separator (a space, a newline,
-    a chat template) must already be in the prompt or the response.
+    Instruction: `tokenizer(prompt + response_separator)` (default special tokens) followed by
+    `tokenizer(response)` without special tokens, plus EOS when there is one; only response tokens (and
+    EOS) are targets. The two are tokenised separately and joined with nothing between them but
+    `response_separator` (default none: a space or newline must be in the prompt, the response or the
+    separator; a chat template is what conversations are for).
+
+    Conversation: rendered with the tokenizer's chat template; the assistant turns' tokens are the targets
+    (`chunkwise.data.conversations`: rendered prefix by prefix, checked token by token). No EOS is added:
+    the template closes each turn with its own end token, which is a target.
 
     Raises:
         DataError: naming the record, for an empty text, a document of fewer than two tokens, or an
             instruction example with nothing to predict.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
+    first_conversation = next((record for record in records if record.is_conversation), None)
+    if first_conversation is not None:  # one line for the whole data set, before any is tokenised
+        check_chat_template(tokenizer, first_conversation.source)
     documents = []
     for record in records:
-        if record.is_instruction:
-            prompt_ids = _token_ids(tokenizer, record.prompt)
+        if record.is_conversation:
+            input_ids, labels = conversation_tokens(tokenizer, record.messages, record.source)
+        elif record.is_instruction:
+            prompt_ids = _token_ids(tokenizer, record.prompt + response_separator)
             response_ids = _token_ids(tokenizer, record.response, add_special_tokens=False)
             if eos is not None:
                 response_ids.append(eos)
@@ -172,17 +184,45 @@ def read_sequences(
     text_field: str = "text",
     prompt_field: str | None = None,
     response_field: str | None = None,
+    messages_field: str | None = None,
+    response_separator: str = "",
     split: str = "train",
+    glob: str = "*.txt",
 ) -> list[Sequence]:
     """The whole ladder from a data path to rows: `load_records` → `tokenize_records` → `make_sequences`.
 
     `seq_len=None` keeps every document whole (evaluation of long documents).
     """
-    records = load_records(path, text_field=text_field, prompt_field=prompt_field, response_field=response_field, split=split)
-    documents = tokenize_records(records, tokenizer)
+    records = load_records(path, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
+                           messages_field=messages_field, split=split, glob=glob)
+    return sequences_from_records(records, tokenizer, seq_len=seq_len, packing=packing, response_separator=response_separator)
+
+
+def sequences_from_records(records: list[Record], tokenizer, *, seq_len: int | None, packing: str,
+                           response_separator: str = "") -> list[Sequence]:
+    """`tokenize_records` → `make_sequences` (`seq_len=None`: every document whole)."""
+    documents = tokenize_records(records, tokenizer, response_separator=response_separator)
     if seq_len is None:
         seq_len = max(len(document.input_ids) for document in documents)
     return make_sequences(documents, seq_len=seq_len, packing=packing)
+
+
+def hold_out(records: list[Record], fraction: float, *, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split documents into `(train, held out)`: `fraction` of them (at least one) drawn with `seed`, both parts in
+    their original order. Whole documents are held out, so no held-out text is also trained on.
+
+    Raises:
+        DataError: fewer than two documents, or a fraction that would hold out all of them.
+    """
+    count = len(records)
+    held = max(1, round(fraction * count))
+    if count < 2 or held >= count:
+        raise DataError(
+            f"cannot hold out {fraction:g} of {count} document{'s' if count != 1 else ''} ({records[0].source}, ...) and "
+            "train on the rest; lower the fraction, add documents, or give held-out data of its own (--eval-data)"
+        )
+    chosen = set(random.Random(seed).sample(range(count), held))
+    return [r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen]
 
 
 def collate(sequences: list[Sequence], *, pad_token_id: int) -> dict[str, torch.Tensor]:

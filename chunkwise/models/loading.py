@@ -7,8 +7,19 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from chunkwise.models.presets import DEMO_MODEL, TINY_PRESETS, build_tiny_model, tiny_config
+from chunkwise.models.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from chunkwise.models.known import KNOWN_CONFIGS, known_config
+from chunkwise.models.presets import DEMO_MODEL, PRESETS, TINY_PRESETS, build_tiny_model, preset_config
 from chunkwise.models.quantize import NO_QUANTIZATION, Quantization
+
+
+OFFLINE_EXAMPLES = ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B-Instruct", "mistralai/Mistral-7B-v0.1")
+
+
+def preset_text_vocab(name: str) -> int | None:
+    """The vocabulary a preset is built with when it reads text with its byte tokenizer: `BYTE_VOCAB_SIZE` (264)
+    for the tiny presets, whose 128 ids are too few for 256 bytes; None for the others (their own ids suffice)."""
+    return BYTE_VOCAB_SIZE if name in TINY_PRESETS else None
 
 
 def _local_model_path(name_or_path: str) -> Path | None:
@@ -31,8 +42,8 @@ def _local_model_path(name_or_path: str) -> Path | None:
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                    quantization: Quantization = NO_QUANTIZATION, compute_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a causal LM from a tiny preset name, a local directory, or a Hugging Face hub id.
+                   device: torch.device | str = "cpu", vocab_size: int | None = None) -> PreTrainedModel:
+    """Load a causal LM from a preset name (`PRESETS`: tiny, demo, bench), a local directory, or a Hugging Face hub id.
 
     Args:
         dtype: the dtype of the weights (of those left unquantized, with `quantization`).
@@ -40,19 +51,20 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, see
             straight onto `device` (a quantized model cannot move afterwards) and frozen: add LoRA to train it.
         compute_dtype: what a quantized layer computes in (default `dtype`); see `Quantization.compute_dtype`.
         device: where a quantized model is loaded (an unquantized one loads on the CPU; the caller moves it).
+        vocab_size: a preset's vocabulary instead of its own (`preset_text_vocab`); ignored for other models.
     """
     if quantization.enabled:
         return _load_quantized(name_or_path, dtype=dtype, seed=seed, quantization=quantization,
-                               compute_dtype=compute_dtype or dtype, device=device)
-    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
-        return build_tiny_model(name_or_path, dtype=dtype, seed=seed)
+                               compute_dtype=compute_dtype or dtype, device=device, vocab_size=vocab_size)
+    if name_or_path in PRESETS:
+        return build_tiny_model(name_or_path, dtype=dtype, seed=seed, vocab_size=vocab_size)
     from transformers import AutoModelForCausalLM
 
     local = _local_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, dtype=dtype)
 
 
-def _load_quantized(name_or_path: str, *, dtype, seed, quantization: Quantization, compute_dtype, device) -> PreTrainedModel:
+def _load_quantized(name_or_path: str, *, dtype, seed, quantization: Quantization, compute_dtype, device, vocab_size=None) -> PreTrainedModel:
     """`from_pretrained` with a `BitsAndBytesConfig`; a preset is saved to a temporary folder first (transformers
     quantizes while it loads a checkpoint)."""
     import tempfile
@@ -61,9 +73,9 @@ def _load_quantized(name_or_path: str, *, dtype, seed, quantization: Quantizatio
 
     config = quantization.bitsandbytes_config(compute_dtype)  # ImportError with the fix when bitsandbytes is missing
     place = {"device_map": {"": str(device)}, "quantization_config": config, "dtype": dtype}
-    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
+    if name_or_path in PRESETS:
         with tempfile.TemporaryDirectory(prefix="chunkwise-preset-") as folder:
-            build_tiny_model(name_or_path, dtype=dtype, seed=seed).save_pretrained(folder)
+            build_tiny_model(name_or_path, dtype=dtype, seed=seed, vocab_size=vocab_size).save_pretrained(folder)
             return AutoModelForCausalLM.from_pretrained(folder, **place)
     local = _local_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(str(local) if local else name_or_path, **place)
@@ -73,17 +85,22 @@ def load_model_config(name_or_path: str):
     """The config of `load_causal_lm(name_or_path)`, read without loading any weight.
 
     A preset's config is built; a folder's is its `config.json` (a LoRA adapter folder's is its base
-    model's, named in `adapter_config.json`); a hub id's comes from the hub (or its local cache).
+    model's, named in `adapter_config.json`); a well-known hub id's (`KNOWN_CONFIGS`: Llama 3.x, Qwen 2.5 / 3,
+    Mistral 7B, Gemma 3) is built from the table, with no request; another hub id's comes from the hub (or its
+    local cache).
 
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: a folder without a config, or a config that cannot be read; the message says which.
     """
-    if name_or_path in (*TINY_PRESETS, DEMO_MODEL):
-        return tiny_config(name_or_path)
+    if name_or_path in PRESETS:
+        return preset_config(name_or_path)
     from transformers import AutoConfig
 
     local = _local_model_path(name_or_path)
+    known = None if local is not None else known_config(name_or_path)
+    if known is not None:
+        return known
     if local is not None and not (local / "config.json").is_file():
         adapter = local / "adapter_config.json"
         if adapter.is_file():
@@ -96,18 +113,22 @@ def load_model_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(str(local) if local else name_or_path)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"cannot read the config of {name_or_path} ({str(error).splitlines()[0]})") from None
+        hint = "" if local is not None else (
+            "; without the network, pass a local folder holding its config.json (--model /path/to/folder), or a hub id "
+            f"chunkwise knows offline (e.g. {', '.join(OFFLINE_EXAMPLES)}; all in chunkwise/models/known.py)")
+        raise ValueError(f"cannot read the config of {name_or_path} ({str(error).splitlines()[0]}){hint}") from None
 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer that goes with `load_causal_lm(name_or_path)`: the synthetic task's for the demo
-    model, none for the tiny presets, else `AutoTokenizer` from the same folder or hub id."""
+    model, the byte tokenizer (`chunkwise.models.byte_tokenizer`) for the other presets, else `AutoTokenizer`
+    from the same folder or hub id."""
     if name_or_path == DEMO_MODEL:
         from chunkwise.data.synthetic import DEMO_TASK
 
         return DEMO_TASK.tokenizer()
-    if name_or_path in TINY_PRESETS:
-        return None
+    if name_or_path in PRESETS:
+        return byte_tokenizer()
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).expanduser()

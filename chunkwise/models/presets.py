@@ -88,14 +88,24 @@ def demo_config():
     )
 
 
-def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised tiny causal LM (2 layers, hidden 64, vocab 128) from a named preset.
+def preset_config(name: str, *, vocab_size: int | None = None):
+    """The config of any preset: a tiny one, the demo's model or a `BENCH_MODELS` entry; `vocab_size` replaces
+    its vocabulary (a tiny preset reading text with the byte tokenizer needs 264 ids, not 128)."""
+    config = bench_config(name) if name in BENCH_MODELS else tiny_config(name)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    return config
+
+
+def build_tiny_model(preset: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
+    """A randomly initialised causal LM from a named preset (`preset_config`; a tiny one: 2 layers, hidden 64,
+    vocab 128 unless `vocab_size` says otherwise).
 
     Weights are drawn in float32 and then cast, so a preset and seed give the same model in any dtype.
     """
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(preset)
+    config = preset_config(preset, vocab_size=vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -140,3 +150,7 @@ def bench_config(name: str):
     if name not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
     return LlamaConfig(**BENCH_MODELS[name])
+
+
+PRESETS = (*TINY_PRESETS, DEMO_MODEL, *BENCH_MODELS)
+"""Every name `load_causal_lm` builds from a config in this package, with random weights: nothing is downloaded."""

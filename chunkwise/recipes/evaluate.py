@@ -42,6 +42,12 @@ class EvalConfig:
     text_field: str = "text"
     prompt_field: str | None = None
     response_field: str | None = None
+    messages_field: str | None = None
+    """Conversations: the field with the turns (default: the run's; a "messages" field is found without it)."""
+    response_separator: str | None = None
+    """Instruction data: text between prompt and response (default: the run's, else none)."""
+    glob: str | None = None
+    """Files read from a --data folder (default: the run's, else *.txt)."""
     split: str = "train"
     allow_extrapolation: bool = False
     """Score documents longer than the model's position limit (with a warning) instead of refusing."""
@@ -116,9 +122,12 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     else:
         if tokenizer is None:
             raise ValueError(f"{config.model} has no tokenizer to read {data}; evaluate a folder saved with its tokenizer")
+        run = settings or {}
         sequences = read_sequences(
             data, tokenizer, seq_len=config.seq_len, packing="truncate", text_field=config.text_field,
             prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
+            messages_field=config.messages_field or run.get("messages_field"), glob=config.glob or run.get("glob") or "*.txt",
+            response_separator=config.response_separator if config.response_separator is not None else run.get("response_separator", ""),
         )
         pad = pad_token_id(tokenizer)
         batches = [

@@ -69,7 +69,7 @@ def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32, quantiz
     """
     from transformers import AutoTokenizer
 
-    from chunkwise.models.loading import load_causal_lm, load_tokenizer
+    from chunkwise.models.loading import load_causal_lm, load_tokenizer, preset_text_vocab
     from chunkwise.models.quantize import NO_QUANTIZATION, quantization_of_settings
 
     folder = Path(path).expanduser()
@@ -80,8 +80,8 @@ def load_trained_model(path: str, *, dtype: torch.dtype = torch.float32, quantiz
     if quantization is None:
         quantization = quantization_of_settings(settings) if settings else NO_QUANTIZATION
     load = dict(dtype=dtype, quantization=quantization, compute_dtype=compute_dtype, device=device)
-    if not folder.is_dir():
-        return load_causal_lm(path, **load), load_tokenizer(path), None
+    if not folder.is_dir():  # a preset (with its byte tokenizer, so built with that vocabulary) or a hub id
+        return load_causal_lm(path, vocab_size=preset_text_vocab(path), **load), load_tokenizer(path), None
     if is_adapter_folder(folder):
         model = _load_adapter(folder, settings, load)
     else:
@@ -94,7 +94,7 @@ def _load_adapter(folder: Path, settings: dict | None, load: dict):
     """A LoRA adapter on the base model it was trained from (named in the run settings or the adapter config)."""
     from peft import PeftModel
 
-    from chunkwise.models.loading import load_causal_lm
+    from chunkwise.models.loading import load_causal_lm, preset_text_vocab
 
     if settings is not None:
         base = settings["model"]
@@ -107,4 +107,7 @@ def _load_adapter(folder: Path, settings: dict | None, load: dict):
             f"{folder} holds a LoRA adapter but does not say which base model it belongs to; evaluate the run "
             "directory it came from, or set base_model_name_or_path in adapter_config.json"
         )
-    return PeftModel.from_pretrained(load_causal_lm(base, seed=seed, **load), str(folder))
+    # An adapter saved with a tokenizer was trained on text: a tiny-preset base was then built with the byte
+    # tokenizer's vocabulary (on the synthetic task no tokenizer is saved and the preset keeps its own).
+    vocab_size = preset_text_vocab(base) if (folder / "tokenizer_config.json").is_file() else None
+    return PeftModel.from_pretrained(load_causal_lm(base, seed=seed, vocab_size=vocab_size, **load), str(folder))

@@ -24,6 +24,7 @@ from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_q
 from chunkwise.utils.precision import PRECISIONS
 
 METHODS = ("seco", "spaco", "full")
+REPORT_TO = ("none", "tensorboard")
 ZERO_STAGES = (1, 2, 3)
 
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
@@ -50,10 +51,13 @@ class TrainConfig:
     CHOICES = {
         "method": METHODS, "objective": tuple(OBJECTIVES), "sampling": tuple(SAMPLERS), "attention": ATTENTION_CHOICES,
         "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES, **Quantization.CHOICES,
+        "report_to": REPORT_TO,
     }
 
     model: str | None = None
-    """Hub id, local directory, or tiny preset; None: the demo model (a small Llama, trained from scratch)."""
+    """Hub id, local directory, or preset: tiny-llama, ... (random weights; they read text with a byte tokenizer built
+    in code, nothing downloaded) or a bench shape (llama-1b, llama-8b, ...); None: the demo model (a small Llama,
+    trained from scratch)."""
     data: str | None = None
     """.txt file or folder, .jsonl, .json/.csv/.parquet, a `save_to_disk` folder, a hub dataset, or
     "synthetic" (the key→value recall task, generated on the fly; the default)."""
@@ -132,16 +136,27 @@ class TrainConfig:
     text_field: str = "text"
     """Field of JSONL / dataset records with the text (default text)."""
     prompt_field: str | None = None
-    """Instruction data: the field with the prompt, whose tokens are context only (not trained on);
-    preference data: the field with the prompt (default prompt)."""
+    """Instruction data: the field with the prompt, whose tokens are context only (not trained on); it is joined
+    to the response with nothing between them but --response-separator. Preference data: the field with the
+    prompt (default prompt)."""
     response_field: str | None = None
     """Instruction data: the field with the response, whose tokens are the targets."""
+    response_separator: str = ""
+    """Instruction data: text put between the prompt and the response, as context (default: none, the two are
+    joined as they are; e.g. --response-separator $'\\n' in bash)."""
+    messages_field: str | None = None
+    """Conversations (TRL's format): the field with a list of {"role", "content"} turns, rendered with the
+    tokenizer's chat template; only the assistant turns are trained on. Rows without --text-field but with a
+    "messages" field are read so without this option."""
     chosen_field: str = "chosen"
     """Preference data: the field with the preferred response (the prompt is in --prompt-field, default "prompt")."""
     rejected_field: str = "rejected"
     """Preference data: the field with the dispreferred response."""
     split: str = "train"
     """Split of a dataset `data` names (default train)."""
+    glob: str = "*.txt"
+    """Files read from a --data or --eval-data folder, one document each: comma-separated patterns matched in
+    every subfolder (default *.txt; e.g. "*.txt,*.md")."""
     packing: str | None = None
     """"pack" (concatenate documents, cut into seq_len blocks; default for text) or "truncate" (one
     sequence per document; default for instruction data)."""
@@ -157,6 +172,12 @@ class TrainConfig:
     scored chunk by chunk (`chunkwise.recipes.train.heldout`). None: the synthetic task's held-out stream when training on it."""
     eval_split: str | None = None
     """Split of a dataset `eval_data` names (default: `split`), e.g. "validation"."""
+    eval_fraction: float = 0.0
+    """Without --eval-data: hold out this fraction of --data's documents (at least one), drawn with --seed, as
+    held-out data, and train on the rest. Default 0: off, every document trains."""
+    report_to: str = "none"
+    """Also send the metrics to "tensorboard" (event files in <output>/tensorboard; pip install tensorboard);
+    "none" (default): metrics.jsonl and loss.png only."""
     log_every: int = 10
     """Write a progress line every N steps when the output is not a terminal (default 10)."""
     max_bad_steps: int = 5
@@ -194,9 +215,9 @@ class TrainConfig:
             model=DEMO_MODEL if self.model is None else self.model,
             data=SYNTHETIC if self.data is None else self.data,
             chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, adam_beta2=0.999,
-            eval_every=100 if self.eval_data else 0,
+            eval_every=100 if self.eval_data or self.eval_fraction else 0,
             lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
-            packing="truncate" if self.prompt_field or self.objective != "cross-entropy" else "pack",
+            packing="truncate" if self.prompt_field or self.messages_field or self.objective != "cross-entropy" else "pack",
         )
         if self.objective != "cross-entropy":
             defaults.update(beta=2.0 if self.objective == "simpo" else 0.1, prompt_field="prompt")
@@ -219,12 +240,30 @@ class TrainConfig:
         self._check_sharding()
         if self.eval_data is not None and not self.eval_every:
             raise ValueError("--eval-data needs --eval-every N > 0: how many steps between held-out evaluations")
-        if self.eval_every and self.eval_data is None and self.data != SYNTHETIC:
-            raise ValueError(f"--eval-every {self.eval_every} needs held-out data for --data {self.data}: give --eval-data PATH")
+        if self.eval_every and self.eval_data is None and self.data != SYNTHETIC and not self.eval_fraction:
+            raise ValueError(f"--eval-every {self.eval_every} needs held-out data for --data {self.data}: give --eval-data PATH "
+                             "or --eval-fraction F")
+        self._check_data_options()
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces it: give only one")
         self._check_objective()
         check_quantized_training(self.quantization(), lora_rank=self.lora_r)
+
+    def _check_data_options(self) -> None:
+        """The held-out split, the reporting target and the data-format options that go together."""
+        check_choice(self.report_to, self.CHOICES["report_to"], OPTION_NAMES("report_to"))
+        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
+            raise ValueError(f"--eval-fraction must be a fraction in [0, 1) of --data's documents, got {self.eval_fraction!r}")
+        if self.eval_fraction and self.eval_data is not None:
+            raise ValueError("--eval-fraction holds out part of --data and --eval-data names other held-out data: give one")
+        if self.eval_fraction and (self.data == SYNTHETIC or self.objective != "cross-entropy"):
+            what = "the synthetic task has its own held-out stream" if self.data == SYNTHETIC else "preference pairs are not scored held out"
+            raise ValueError(f"--eval-fraction splits file data for cross-entropy training; {what}: drop it")
+        if self.eval_fraction and not self.eval_every:
+            raise ValueError("--eval-fraction needs --eval-every N > 0: how many steps between held-out evaluations")
+        if self.messages_field is not None and self.prompt_field is not None and self.objective == "cross-entropy":
+            raise ValueError("--messages-field (conversations) and --prompt-field / --response-field (instruction data) are "
+                             "two formats: give one")
 
     def quantization(self) -> Quantization:
         """The base's quantization (`--load-in-4bit` / `--load-in-8bit` and the `--bnb-4bit-*` options), checked."""

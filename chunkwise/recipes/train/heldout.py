@@ -62,16 +62,22 @@ def synthetic_held_out(task: RecallTask, *, batch_size: int, seq_len: int, seed:
 
 def file_held_out(path: str, tokenizer, *, batch_size: int, seq_len: int, packing: str, pad_token_id: int,
                   text_field: str = "text", prompt_field: str | None = None, response_field: str | None = None,
-                  split: str = "train") -> HeldOutSet:
-    """Held-out rows read from `path` as `--data` is read (same tokenizer, fields, seq_len and packing).
+                  split: str = "train", **read) -> HeldOutSet:
+    """Held-out rows read from `path` as `--data` is read (same tokenizer, fields, seq_len and packing; `read`:
+    `read_sequences`'s other options, e.g. messages_field, glob).
 
     Raises:
         DataError: as `read_sequences` does, naming the file and what is wrong with it.
     """
     rows = read_sequences(path, tokenizer, seq_len=seq_len, packing=packing, text_field=text_field,
-                          prompt_field=prompt_field, response_field=response_field, split=split)
+                          prompt_field=prompt_field, response_field=response_field, split=split, **read)
+    return rows_held_out(path, rows, batch_size=batch_size, pad_token_id=pad_token_id)
+
+
+def rows_held_out(name: str, rows: list, *, batch_size: int, pad_token_id: int) -> HeldOutSet:
+    """Held-out rows already read (`--eval-fraction`'s documents), collated into batches of `batch_size`."""
     batches = [collate(rows[i : i + batch_size], pad_token_id=pad_token_id) for i in range(0, len(rows), batch_size)]
-    return HeldOutSet(path, batches)
+    return HeldOutSet(name, batches)
 
 
 def evaluate_held_out(handle: CausalLMHandle, held_out: HeldOutSet, *, step: int, chunk_size: int,

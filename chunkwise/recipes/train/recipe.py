@@ -38,7 +38,15 @@ from chunkwise.recipes.train.batches import BatchStream
 from chunkwise.recipes.train.config import TrainConfig, TrainingError, TrainResult
 from chunkwise.recipes.train.distributed import Distributed, init_distributed, is_lost_rank, lost_rank_error
 from chunkwise.recipes.train.heldout import describe_evaluation, evaluate_held_out, synthetic_held_out, write_best
-from chunkwise.recipes.train.reporting import LOSS_PLOT, METRICS, MetricsLog, TrainingProgress, plot_losses
+from chunkwise.recipes.train.reporting import (
+    LOSS_PLOT,
+    METRICS,
+    TENSORBOARD,
+    MetricsLog,
+    TrainingProgress,
+    plot_losses,
+    require_tensorboard,
+)
 from chunkwise.recipes.train.setup import (
     build_model,
     check_before_loading,
@@ -87,6 +95,8 @@ class TrainRecipe:
         self.config, self.dist, self.device = config, dist, device
         self.log = log if dist.is_main else (lambda message: None)
         self.output = check_output(config)
+        if config.report_to == "tensorboard" and dist.is_main:
+            require_tensorboard()
         self.evaluations: list[dict] = []
 
     # ----- set-up ---------------------------------------------------------------------------------------
@@ -114,7 +124,8 @@ class TrainRecipe:
         if dist.world_size > 1:
             torch.distributed.barrier()  # the run directory exists before any rank writes or reads it
         self.state = self._build_training_state(model, tokenizer)
-        self.metrics = MetricsLog(self.output / METRICS)
+        board = self.output / TENSORBOARD if config.report_to == "tensorboard" and dist.is_main else None
+        self.metrics = MetricsLog(self.output / METRICS, tensorboard=board)
         if config.resume:
             self.state.load(self.output, dist=dist, log=self.log)
             if dist.is_main:
@@ -176,6 +187,7 @@ class TrainRecipe:
         if not interrupted:
             self.save()
             self.save_final_model()
+        self.metrics.close()
         self._finish_plot()
         self._report(time.perf_counter() - started, interrupted)
         return TrainResult(self.output, state.step, self.first_loss, self.last_loss, state.skipped, interrupted, self.evaluations)

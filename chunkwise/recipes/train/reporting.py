@@ -1,4 +1,5 @@
-"""What a training run shows and leaves behind: progress line, `metrics.jsonl`, loss curve PNG.
+"""What a training run shows and leaves behind: progress line, `metrics.jsonl` (and, with `--report-to
+tensorboard`, the same numbers as TensorBoard events), loss curve PNG.
 
 Kept apart from the training loop so the loop reads as the algorithm's caller and nothing else.
 """
@@ -17,17 +18,26 @@ from chunkwise.utils.memory import format_bytes
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+TENSORBOARD = "tensorboard"
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval", "step": ..., ...}`."""
+    """`metrics.jsonl`: one JSON object per line, `{"kind": "train" | "eval", "step": ..., ...}`; each record also
+    goes to TensorBoard when `tensorboard` names the folder for its events."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, tensorboard: Path | None = None):
         self.path = Path(path)
+        self.board = TensorBoardLog(tensorboard) if tensorboard is not None else None
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            self.board.append(record)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -39,7 +49,45 @@ class MetricsLog:
         records = self.records()
         kept = [record for record in records if record["step"] <= step]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        if self.board is not None:
+            self.board.purge_after(step)
         return len(records) - len(kept)
+
+
+def require_tensorboard():
+    """torch's `SummaryWriter` class; ValueError with the install command when the tensorboard package is missing
+    (checked before anything loads, so a run does not fail after minutes of loading)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard imports the tensorboard package, which is optional
+        raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or drop --report-to; metrics.jsonl has the same numbers)") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """`--report-to tensorboard`: every number of a metrics record as a scalar, `train/loss`, `eval/accuracy`, ..."""
+
+    def __init__(self, folder: Path):
+        self.writer_class, self.folder = require_tensorboard(), folder
+        self.writer = None  # opened at the first record, so that a resumed run can first say what to purge
+        self.purge_step = None
+
+    def purge_after(self, step: int) -> None:
+        """A resumed run redoes the steps after `step`: TensorBoard hides the earlier session's events from step + 1 on."""
+        self.purge_step = step + 1
+
+    def append(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = self.writer_class(log_dir=str(self.folder), purge_step=self.purge_step)
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.writer.flush()  # a step takes seconds: flushing each record keeps the events current if the run dies
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:

@@ -19,14 +19,23 @@ from chunkwise.core.config import ChunkwiseConfig
 from chunkwise.core.objectives import OBJECTIVES, Objective
 from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
 from chunkwise.data.preferences import read_preference_pairs
-from chunkwise.data.sequences import pad_token_id, read_sequences
+from chunkwise.data.files import load_records
+from chunkwise.data.sequences import hold_out, pad_token_id, read_sequences, sequences_from_records
 from chunkwise.data.synthetic import SYNTHETIC
-from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
+from chunkwise.models.loading import (
+    add_lora,
+    check_position_limit,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    preset_text_vocab,
+)
+from chunkwise.models.presets import DEMO_MODEL, PRESETS
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
 from chunkwise.recipes.run import RUN_FILE, is_run_directory, read_run_settings
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
 from chunkwise.recipes.train.distributed import Distributed
-from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out
+from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out, rows_held_out
 from chunkwise.utils.memory import format_bytes, parse_bytes
 from chunkwise.utils.precision import training_dtypes
 
@@ -86,6 +95,8 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     """What the model's config alone decides, before any weight or tokenizer loads: the model exists, the
     length is within its positions, and `--chunk-size auto` becomes a number (`chunkwise.plan`)."""
     model_config = load_model_config(config.model)
+    if text_vocab(config, config.model):  # a tiny preset reading text is built with its byte tokenizer's ids
+        model_config.vocab_size = text_vocab(config, config.model)
     check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
     check_reference_config(config, model_config)
     if config.chunk_size != "auto":
@@ -127,7 +138,8 @@ def check_reference_config(config: TrainConfig, model_config) -> None:
     if config.ref_model is None:
         return
     vocab = getattr(model_config.get_text_config(), "vocab_size", None)
-    reference_vocab = getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None)
+    reference_vocab = (text_vocab(config, config.ref_model)
+                       or getattr(load_model_config(config.ref_model).get_text_config(), "vocab_size", None))
     if None not in (vocab, reference_vocab) and vocab != reference_vocab:
         raise ValueError(
             f"--ref-model {config.ref_model}: the reference model's vocabulary has {reference_vocab} tokens, {config.model}'s "
@@ -141,7 +153,11 @@ def check_reference_config(config: TrainConfig, model_config) -> None:
 
 
 def tokenizer_for(config: TrainConfig):
-    """The model's tokenizer (None for tiny presets, and for a model without one on the synthetic task)."""
+    """The model's tokenizer: a preset's byte tokenizer on text data (`chunkwise.models.byte_tokenizer`), the
+    demo's word tokenizer; None for the other presets on the synthetic task (it brings its own ids), and for a
+    model without one on it."""
+    if config.data == SYNTHETIC and config.model in PRESETS and config.model != DEMO_MODEL:
+        return None
     try:
         return load_tokenizer(config.model)
     except (OSError, ValueError) as error:
@@ -162,23 +178,47 @@ def training_sequences(config: TrainConfig, tokenizer) -> list | None:
             config.data, tokenizer, seq_len=config.seq_len, prompt_field=config.prompt_field,
             chosen_field=config.chosen_field, rejected_field=config.rejected_field, split=config.split,
         )
+    if config.eval_fraction:
+        train, _ = split_data(config)
+        return sequences_from_records(train, tokenizer, seq_len=config.seq_len, packing=config.packing,
+                                      response_separator=config.response_separator)
     return read_sequences(
         config.data, tokenizer, seq_len=config.seq_len, packing=config.packing, text_field=config.text_field,
-        prompt_field=config.prompt_field, response_field=config.response_field, split=config.split,
+        prompt_field=config.prompt_field, response_field=config.response_field, split=config.split, **_read_options(config),
     )
 
 
+def _read_options(config: TrainConfig) -> dict:
+    """The data-format options `--data` and `--eval-data` are both read with (besides fields, split, packing)."""
+    return dict(messages_field=config.messages_field, response_separator=config.response_separator, glob=config.glob)
+
+
+def split_data(config: TrainConfig) -> tuple[list, list]:
+    """`--eval-fraction`: --data's documents split into (train, held out), the same on every call and rank (drawn with --seed)."""
+    records = load_records(config.data, text_field=config.text_field, prompt_field=config.prompt_field,
+                           response_field=config.response_field, messages_field=config.messages_field, split=config.split,
+                           glob=config.glob)
+    return hold_out(records, config.eval_fraction, seed=config.seed)
+
+
 def held_out_rows(config: TrainConfig, tokenizer) -> HeldOutSet | None:
-    """The `--eval-data` rows (None without it, or for the synthetic task's own stream). Read before the
-    model loads, like the training data, so a problem in them is reported at once."""
-    if not config.eval_every or config.eval_data in (None, SYNTHETIC):
+    """The `--eval-data` rows, or the documents `--eval-fraction` holds out of --data (None without either, or for
+    the synthetic task's own stream). Read before the model loads, like the training data, so a problem in them is
+    reported at once."""
+    if not config.eval_every or (config.eval_data in (None, SYNTHETIC) and not config.eval_fraction):
         return None
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer, so --eval-data {config.eval_data} cannot be read; use a model folder with its tokenizer")
+    if config.eval_fraction:
+        train, held = split_data(config)
+        rows = sequences_from_records(held, tokenizer, seq_len=config.seq_len, packing=config.packing,
+                                      response_separator=config.response_separator)
+        name = f"{config.data} ({len(held)} of {len(train) + len(held)} documents held out, --eval-fraction {config.eval_fraction:g})"
+        return rows_held_out(name, rows, batch_size=config.batch_size, pad_token_id=pad_token_id(tokenizer))
     return file_held_out(
         config.eval_data, tokenizer, batch_size=config.batch_size, seq_len=config.seq_len, packing=config.packing,
         pad_token_id=pad_token_id(tokenizer), text_field=config.text_field, prompt_field=config.prompt_field,
-        response_field=config.response_field, split=config.eval_split or config.split,
+        response_field=config.response_field, split=config.eval_split or config.split, **_read_options(config),
     )
 
 
@@ -194,12 +234,18 @@ def build_model(config: TrainConfig, device: torch.device):
     quantization = config.quantization()
     compute = quantization.compute_dtype(weights_dtype, autocast_dtype) if quantization.enabled else None
     model = load_causal_lm(config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
-                           compute_dtype=compute, device=device)
+                           compute_dtype=compute, device=device, vocab_size=text_vocab(config, config.model))
     if config.lora_r > 0:
         targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
         model = add_lora(model, rank=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
                          option="--lora-targets")
     return model if quantization.enabled else model.to(device)
+
+
+def text_vocab(config: TrainConfig, name: str) -> int | None:
+    """A tiny preset that reads text data is built with its byte tokenizer's 264 ids (`preset_text_vocab`); None:
+    the model's own vocabulary (on the synthetic task a preset keeps its 128 ids)."""
+    return None if config.data == SYNTHETIC else preset_text_vocab(name)
 
 
 def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: torch.device) -> Objective | None:
@@ -218,8 +264,9 @@ def make_objective(config: TrainConfig, model: torch.nn.Module, handle, device: 
     else:
         weights_dtype, _ = training_dtypes(config.dtype, device, frozen_base=True)
         quantization = config.quantization()  # a copy of a quantized base is quantized alike
-        reference = load_causal_lm(config.ref_model or config.model, dtype=weights_dtype, seed=config.seed, quantization=quantization,
-                                   device=device)
+        name = config.ref_model or config.model
+        reference = load_causal_lm(name, dtype=weights_dtype, seed=config.seed, quantization=quantization, device=device,
+                                   vocab_size=text_vocab(config, name))
         reference = (reference if quantization.enabled else reference.to(device)).eval()
         reference.requires_grad_(False)
     resolve_reference(reference, model, handle, owner="--ref-model")  # a wrong vocabulary fails now, not at step 1
