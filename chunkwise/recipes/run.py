@@ -1,11 +1,12 @@
 """The run directory `chunkwise train` writes, and how `chunkwise eval` (or a user) reads it back.
 
     runs/demo/
-      chunkwise_run.json    the run's settings (TrainConfig) and the package version: marks a run
+      chunkwise_run.json    the run's id, settings (TrainConfig), their paths made absolute, and the package
+                            version: marks a run
       metrics.jsonl         one line per step (and per evaluation)
       loss.png              loss curve (and held-out loss, the best step marked)
       best_eval.json        the held-out evaluation with the lowest loss: its step and scores
-      checkpoints/step-N/   the latest checkpoint (model or adapter, optimizer, scheduler, RNG, ...)
+      checkpoints/step-000400/  the latest checkpoint (model or adapter, optimizer, scheduler, RNG, ...)
       model/                the final model (full fine-tuning: `AutoModelForCausalLM.from_pretrained`)
                             or LoRA adapter (`PeftModel.from_pretrained(base, ...)`), with the tokenizer
 
@@ -24,18 +25,41 @@ RUN_FILE = "chunkwise_run.json"
 BEST_EVAL = "best_eval.json"
 FINAL_MODEL = "model"
 MODEL_SUBDIR = "model"  # inside a checkpoint folder
+# Settings that may name a local file or folder. A run is resumed from wherever it now lies, under any
+# spelling of the same path, so these are compared by what they resolve to, not as strings.
+PATH_SETTINGS = ("model", "data", "eval_data", "ref_model")
 
 
 def is_run_directory(path: Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
+def read_run_record(path: Path) -> dict:
+    """The whole `chunkwise_run.json`: "run_id" (absent in runs made before ids), "config", "paths", "version"."""
+    try:
+        record = json.loads((Path(path) / RUN_FILE).read_text())
+        if not isinstance(record.get("config"), dict):
+            raise KeyError("config")
+        return record
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"{Path(path) / RUN_FILE} cannot be read ({error}); the run directory is damaged") from None
+
+
 def read_run_settings(path: Path) -> dict:
     """The settings a run was started with (the `TrainConfig` fields)."""
-    try:
-        return json.loads((Path(path) / RUN_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{Path(path) / RUN_FILE} cannot be read ({error}); the run directory is damaged") from None
+    return read_run_record(path)["config"]
+
+
+def resolved_paths(settings: dict) -> dict[str, str]:
+    """The absolute form of each path-valued setting that names an existing file or folder (hub ids, presets and
+    "synthetic" are left out): what `chunkwise_run.json` records, so that a resume from another working directory
+    or with another spelling of the same path is recognised."""
+    paths = {}
+    for name in PATH_SETTINGS:
+        value = settings.get(name)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            paths[name] = str(Path(value).expanduser().resolve())
+    return paths
 
 
 def model_folder_of_run(path: Path) -> Path:

@@ -292,13 +292,13 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, capsys):
     data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     optimizer_state.write_bytes(bytes(data))
-    code, error = run_cli(capsys, "train", *small, "--resume", "--steps", "3")
+    code, error = run_cli(capsys, "train", *small, "--resume")
     assert code == 2 and f"checkpoint {checkpoint} is corrupt: optimizer.pt does not match its SHA-256" in error
     assert optimizer_state.exists() and latest_checkpoint(output) == checkpoint
 
     optimizer_state.write_bytes(original)
     (checkpoint / "rng.pt").unlink()
-    code, error = run_cli(capsys, "train", *small, "--resume", "--steps", "3")
+    code, error = run_cli(capsys, "train", *small, "--resume")
     assert code == 2 and "rng.pt is missing" in error
 
 

@@ -29,8 +29,9 @@ ZERO_STAGES = (1, 2, 3)
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned
-# (`attention` changes float rounding only, `offload_kv` nothing at all).
-RESUMABLE_CHANGES = {"attention", "offload_kv", "dist_timeout", "memory", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+# (`attention` changes float rounding only, `offload_kv` nothing at all; `output`: the run is identified by the
+# id in its chunkwise_run.json, wherever it now lies). Not `steps`: the learning-rate schedule depends on it.
+RESUMABLE_CHANGES = {"output", "attention", "offload_kv", "dist_timeout", "memory", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 OPTION_NAMES = OptionNames()  # messages name settings as command-line options: `--chunk-size`
 
 
@@ -173,7 +174,8 @@ class TrainConfig:
     rank) before it stops with an error. It must exceed the longest gap between collectives: one
     optimizer step, or rank 0 writing a checkpoint. 1800 is torch's and Trainer's default."""
     resume: bool = False
-    """Continue the run in `output` from its latest checkpoint, with the settings it started with."""
+    """Continue the run in `output` (wherever it was moved or copied) from its latest checkpoint, with the settings and
+    the number of steps it started with."""
     overwrite: bool = False
     """Replace the run in `output`."""
     progress: bool = True

@@ -96,7 +96,7 @@ class TrainRecipe:
         dist, device = self.dist, self.device
         self.config = config = check_before_loading(self.config, self.output, device, dist, self.log)
         if config.resume and dist.is_main:
-            check_resume_settings(config, self.output, self.log)
+            check_resume_settings(config, self.output)
         tokenizer = tokenizer_for(config)
         sequences = training_sequences(config, tokenizer)
         self.held_out = held_out_rows(config, tokenizer)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from chunkwise.data.sequences import pad_token_id, read_sequences
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
-from chunkwise.recipes.run import RUN_FILE, is_run_directory, read_run_settings
+from chunkwise.recipes.run import PATH_SETTINGS, RUN_FILE, is_run_directory, read_run_record, read_run_settings, resolved_paths
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
 from chunkwise.recipes.train.distributed import Distributed
 from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out
@@ -59,22 +60,39 @@ def start_run_directory(config: TrainConfig) -> Path:
     if output.exists() and config.overwrite:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    record = {"version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dataclasses.asdict(config)}
+    settings = dataclasses.asdict(config)
+    # The run is identified by its id, not by where it lies: a run moved or copied elsewhere resumes all the same
+    # (its checkpoints carry the id; `TrainingState.load` checks it).
+    record = {"run_id": uuid.uuid4().hex, "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "config": settings, "paths": resolved_paths(settings)}
     (output / RUN_FILE).write_text(json.dumps(record, indent=1))
     return output
 
 
-def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
-    """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES)."""
-    saved = read_run_settings(output)
+def check_resume_settings(config: TrainConfig, output: Path) -> None:
+    """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES), and its step count.
+
+    Path-valued settings match when they name the same file or folder (relative or absolute, from any working
+    directory: the run recorded their absolute form).
+    """
+    record = read_run_record(output)
+    saved, saved_paths = record["config"], record.get("paths", {})
     current = dataclasses.asdict(config)
-    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    current_paths = resolved_paths(current)
+    if saved.get("steps") != config.steps:
+        # The warm-up + cosine schedule was laid out over the run's steps: another total would move the learning
+        # rate of every remaining step (at the old end, from 0 back up towards the peak). Refused, not reinterpreted.
+        raise ValueError(
+            f"--resume --steps {config.steps}: the run in {output} was started with --steps {saved.get('steps')}, and its "
+            "learning-rate schedule (warm-up, cosine decay to 0 at the last step) is fixed by that number; resume without "
+            "--steps, or train longer in a new run (another --output)"
+        )
+    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
+               and not (name in PATH_SETTINGS and name in current_paths and current_paths[name] == saved_paths.get(name))]
     if changed:
         listing = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
         raise ValueError(f"--resume with different settings than the run in {output} was started with ({listing}); "
                          "resume with the same settings or start a new run")
-    if saved.get("steps") != config.steps:
-        log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
 
 
 
