@@ -39,7 +39,7 @@ def test_verify_lora_on_a_saved_model(tmp_path, capsys):
     [
         (["--model", "./no/such/model"], "does not exist"),
         (["--seq-len", "1"], "--seq-len must be at least 2"),
-        (["--chunk-size", "0"], "chunk_size must be a positive integer"),
+        (["--chunk-size", "0"], "--chunk-size must be a positive integer"),  # named as the option, checked before loading
         (["--tolerance", "-1"], "--tolerance must be a finite number"),
     ],
 )

@@ -13,13 +13,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkwise.attention.chunk import ATTENTION_CHOICES
+# Names only (no torch): `chunkwise train` checks its options with this module before anything heavy loads.
+from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.core.config import OptionNames, check_choice, check_engine_settings
-from chunkwise.core.objectives import OBJECTIVES
-from chunkwise.core.sampling import SAMPLERS
-from chunkwise.data.sequences import PACKING_MODES
-from chunkwise.data.synthetic import SYNTHETIC
-from chunkwise.models.presets import DEMO_MODEL
+from chunkwise.core.names import OBJECTIVE_NAMES, SAMPLING_POLICIES
+from chunkwise.data.names import PACKING_MODES, SYNTHETIC
+from chunkwise.models.names import DEMO_MODEL
 from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_quantized_training
 from chunkwise.utils.precision import PRECISIONS
 
@@ -49,7 +48,7 @@ class TrainConfig:
 
     # Each setting with a fixed set of values: the one list that `check` tests and `--help` shows.
     CHOICES = {
-        "method": METHODS, "objective": tuple(OBJECTIVES), "sampling": tuple(SAMPLERS), "attention": ATTENTION_CHOICES,
+        "method": METHODS, "objective": OBJECTIVE_NAMES, "sampling": SAMPLING_POLICIES, "attention": ATTENTION_CHOICES,
         "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES, **Quantization.CHOICES,
     }
 

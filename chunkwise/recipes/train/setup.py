@@ -24,7 +24,7 @@ from chunkwise.data.sequences import pad_token_id, read_sequences
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
-from chunkwise.recipes.run import PATH_SETTINGS, RUN_FILE, is_run_directory, read_run_record, read_run_settings, resolved_paths
+from chunkwise.recipes.run import PATH_SETTINGS, RUN_FILE, check_output, read_run_record, read_run_settings, resolved_paths
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
 from chunkwise.recipes.train.distributed import Distributed
 from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out
@@ -32,23 +32,6 @@ from chunkwise.utils.memory import format_bytes, parse_bytes
 from chunkwise.utils.precision import training_dtypes
 
 # ----- the run directory ------------------------------------------------------------------------------
-
-
-def check_output(config: TrainConfig) -> Path:
-    """Refuse to mix runs in one directory unless told to resume or overwrite; nothing is written yet."""
-    output = Path(config.output).expanduser()
-    blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--output {output}: {blocking} is a file, not a directory; choose a directory path for the run")
-    if config.resume:
-        if not is_run_directory(output):
-            raise ValueError(f"--resume: {output} holds no chunkwise run to continue (no {RUN_FILE}); drop --resume to start one")
-    elif output.exists() and any(output.iterdir()):
-        if not is_run_directory(output):
-            raise ValueError(f"--output {output} is not empty and is not a chunkwise run; choose a new or empty directory")
-        if not config.overwrite:
-            raise ValueError(f"--output {output} holds another run; pass --resume to continue it or --overwrite to replace it")
-    return output
 
 
 def start_run_directory(config: TrainConfig) -> Path:
