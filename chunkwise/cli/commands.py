@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -234,7 +235,8 @@ def train(given: dict) -> int:
     except TrainingError as error:
         print(f"chunkwise train: {error}", file=sys.stderr)
         return 1
-    _print_summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the result; one prints it
+        _print_summary(result)
     return 128 + int(result.interrupted) if result.interrupted else 0  # the shell's code for "killed by signal"
 
 

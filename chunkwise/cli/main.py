@@ -20,7 +20,8 @@ import warnings
 # what it needs (tests/cli/test_cli_startup.py keeps it so).
 from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.cli import commands, environment
-from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, lengths_option
+from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, command_line_spelling, lengths_option
+from chunkwise.data.files import DataError
 from chunkwise.models.quantize import Quantization
 from chunkwise.recipes.checkpoint import CheckpointError
 from chunkwise.recipes.train.config import TrainConfig
@@ -218,5 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError, CheckpointError) as error:
         if args.debug:
             raise
-        print(f"chunkwise {args.command}: error: {error}", file=sys.stderr)
+        message = command_line_spelling(str(error)) if isinstance(error, DataError) else error
+        print(f"chunkwise {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -338,6 +338,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     )
     assert_launch_succeeded(code, output)
     assert "x 2 ranks" in output
+    assert output.count("at the first step") == 1  # the final summary, printed by rank 0 alone
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-12)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]

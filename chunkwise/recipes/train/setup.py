@@ -90,6 +90,7 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
     check_reference_config(config, model_config)
     if config.chunk_size != "auto":
+        note_one_chunk(config, log)
         return config
     if separate_reference(config):
         raise ValueError(
@@ -116,6 +117,13 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
         torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
     log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_bytes(plan.total(device.type))} ({describe_parts(plan)})")
     return dataclasses.replace(config, chunk_size=int(chunk))
+
+
+def note_one_chunk(config: TrainConfig, log) -> None:
+    """Say so when a chunk holds a whole sequence: the run is then ordinary backprop, with none of the memory saved."""
+    if config.method != "full" and config.chunk_size >= config.seq_len:
+        log(f"note: --chunk-size {config.chunk_size} >= --seq-len {config.seq_len}: each sequence is a single chunk, so "
+            f"{config.method} computes as ordinary backprop and saves no memory; a --chunk-size below --seq-len splits it")
 
 
 def separate_reference(config: TrainConfig) -> bool:
