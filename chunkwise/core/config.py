@@ -9,6 +9,7 @@ with a `ChunkwiseConfig` and build it with `ChunkwiseConfig.make_engine`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,13 @@ def check_engine_settings(settings, *, names: OptionNames, methods: tuple[str, .
         return
     if settings.budget is None:
         raise ValueError(f"{names.value('method', 'spaco')} needs {names.short('budget')}: how many chunks to backpropagate per step")
+    # The sampler's own checks of these two, here too with the setting's name (`--budget`) and before torch loads.
+    budget, cap = settings.budget, settings.max_compensation
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{names('budget')} must be a positive integer (chunks backpropagated per step), got {budget!r}")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1):
+        raise ValueError(f"{names('max_compensation')} must be a number >= 1 (a factor below 1 would shrink the gradient), or "
+                         f"None for no cap; got {cap!r}")
     # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1 (this one
     # check imports torch, with the sampler).
     from chunkwise.core.sampling import make_sampler

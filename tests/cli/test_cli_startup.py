@@ -39,6 +39,8 @@ def test_argument_and_path_errors_come_before_torch_is_imported(tmp_path):
         "--seq-len must be a positive integer, got 0": ["train", "--seq-len", "0"],
         "--lr must be a positive number": ["train", "--lr", "-1"],
         "--memory sets the budget of --chunk-size auto": ["train", "--memory", "2GiB", "--chunk-size", "512"],
+        "--budget must be a positive integer": ["train", "--method", "spaco", "--budget", "0"],
+        "--max-compensation must be a number >= 1": ["train", "--method", "spaco", "--budget", "2", "--max-compensation", "0.5"],
         "data file missing/corpus.txt does not exist": ["train", "--data", "missing/corpus.txt", "--model", "tiny-llama"],
         "model path './no/such/model' does not exist": ["train", "--model", "./no/such/model"],
         "a-file is a file, not a directory": ["train", "--output", "a-file/run"],
