@@ -64,3 +64,15 @@ def test_the_norms_compute_in_float64_within_and_as_transformers_wrote_them_afte
         assert (patched, left) == (3, ())
         assert torch.equal(norm(x), exact)
     assert not torch.equal(norm(x), exact)
+
+
+def test_verify_checks_a_lora_runs_adapter_as_trained(tmp_path, capsys):
+    run = tmp_path / "lora"
+    assert main(["train", "--model", "tiny-qwen2", "--output", str(run), "--steps", "1", "--seq-len", "32", "--chunk-size", "16",
+                 "--batch-size", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--model", str(run), "--seq-len", "24", "--chunk-size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_A" in out and "lora_B" in out and "PASS" in out  # the adapter's weights take the gradient
+    assert main(["verify", "--model", str(run), "--lora-r", "4"]) == 2
+    assert "trained a LoRA adapter" in capsys.readouterr().err
