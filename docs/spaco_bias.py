@@ -30,11 +30,11 @@ import torch
 
 from chunkwise import SeCO, SpaCO
 from chunkwise.models.presets import build_tiny_model
+from chunkwise.recipes.verify import compute_norms_in_model_dtype  # the float64 RMSNorms `chunkwise verify` uses
 
-# The tests' FixedSelection and float64 RMSNorm patch (tests/spaco_reference.py, tests/tiny_models.py).
+# The tests' FixedSelection (tests/spaco_reference.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from spaco_reference import FixedSelection  # noqa: E402
-from tiny_models import norms_in_model_dtype  # noqa: E402
 
 SEQ_LEN = 64
 CHUNK_SIZE = 8  # k = 8 chunks: 2^8 = 256 selections per compensation factor
@@ -53,7 +53,8 @@ def gradient(model, engine, input_ids) -> torch.Tensor:
 
 
 def main() -> None:
-    model = norms_in_model_dtype(build_tiny_model("tiny-llama", dtype=torch.float64, seed=0))
+    model = build_tiny_model("tiny-llama", dtype=torch.float64, seed=0)
+    compute_norms_in_model_dtype(model)
     input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     k = math.ceil(SEQ_LEN / CHUNK_SIZE)
     exact = gradient(model, SeCO(model, chunk_size=CHUNK_SIZE), input_ids)

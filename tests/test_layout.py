@@ -47,7 +47,8 @@ def test_every_layer_folder_exists_and_holds_every_module():
     folders = {path.relative_to(PACKAGE).parts[0] for path in layer_modules()}
     assert folders == set(LAYERS), f"folders {sorted(folders)} vs layers {LAYERS}"
     top = sorted(path.name for path in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "hf.py", "objectives.py", "trl_trainers.py"], f"only the public face sits at the top: {top}"
+    # The public face, and `python -m chunkwise` (the command line's entry point, as `chunkwise.cli.__main__`).
+    assert top == ["__init__.py", "__main__.py", "hf.py", "objectives.py", "trl_trainers.py"], f"only the public face sits at the top: {top}"
 
 
 def test_no_module_imports_from_a_higher_layer():

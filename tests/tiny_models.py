@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from chunkwise.models.loading import add_lora
 from chunkwise.models.presets import build_tiny_model
+from chunkwise.recipes.verify import compute_norms_in_model_dtype
 
 VOCAB = 128  # the tiny presets' vocabulary
 SEQ_LEN = 29  # ragged for chunk size 5 (the last chunk has 4 tokens)
@@ -32,11 +31,6 @@ def lora_model(preset: str, *, dropout: float = 0.0, seed: int = 0):
     return add_lora(base, rank=4, alpha=8, dropout=dropout, random_b=0.1, seed=seed + 1)
 
 
-def _rms_norm_in_model_dtype(self, hidden_states):
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
 def norms_in_model_dtype(model):
     """Make every RMSNorm of `model` compute in the model's dtype instead of float32 (same formula); returns it.
 
@@ -45,10 +39,6 @@ def norms_in_model_dtype(model):
     compensation multiplies the gradients through the norms by k/t, and float32 rounding of 3·x is not
     3·(rounding of x): exact float64 identities would then hold only to ~1e-7.
     """
-    patched = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rms_norm_in_model_dtype, module)
-            patched += 1
-    assert patched > 0
+    patched, left = compute_norms_in_model_dtype(model)  # the library's, as `chunkwise verify` uses it in float64
+    assert patched and not left
     return model

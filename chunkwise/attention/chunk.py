@@ -52,11 +52,11 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chunkwise.attention.documents import DocumentSegments, document_attention, segments_of
+from chunkwise.attention.names import ATTENTION_CHOICES  # noqa: F401  (re-exported)
 from chunkwise.attention.kernels import CPU_FLASH, PartKernel, merge_parts, select_kernel
 from chunkwise.attention.offload import OffloadedPast, claim
 
 ATTENTION_NAME = "chunkwise_sdpa"
-ATTENTION_CHOICES = ("chunkwise", "model")
 
 
 # ----- fused kernels (chunkwise.attention.kernels), run on the two parts ----------------------------------------

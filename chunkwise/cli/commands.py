@@ -1,7 +1,7 @@
 """The `chunkwise` subcommands, each a plain function of the parsed options: verify, bench, plan, train, eval, export.
 
-Heavy imports (models, the planner, the benchmark harness) happen inside the command that needs them, so
-`chunkwise --help` and each command start fast and import only what they use.
+Heavy imports (torch, models, the planner, the benchmark harness) happen inside the command that needs them,
+after its plain arguments are checked, so `chunkwise --help` and a mistyped option answer at once.
 """
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
-import torch
-
+from chunkwise.cli import environment
 from chunkwise.cli.options import UsageError, parse_list
 from chunkwise.cli.tables import print_evaluation, print_plan, print_probes, print_verify
-from chunkwise.utils.memory import parse_bytes
+from chunkwise.utils.sizes import parse_bytes
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float64", "float32", "bfloat16")  # `verify --dtype`: names of torch dtypes
 # Default pass/fail line per dtype. Differences from chunking are rounding only (Llama-like models show
 # ~1e-15 in float64); a few models (Gemma family) compute norms in float32 even in float64 (~1e-7).
 # A real bug (wrong shift, mask or position) shows up as an error of order 1e-2 to 1.
@@ -27,6 +27,8 @@ DEFAULT_TOLERANCE = {"float64": 1e-6, "float32": 1e-3, "bfloat16": 1e-1}
 
 def default_device(device: str) -> str:
     """--device auto: cuda if this machine has one, else cpu."""
+    import torch
+
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
@@ -40,34 +42,66 @@ def with_quantization(options: dict) -> dict:
 
 def verify(*, model: str, seq_len: int, chunk_size: int, tolerance: float | None = None, dtype: str = "float64", device: str = "auto",
            batch_size: int = 1, lora_r: int = 0, seed: int = 0, quantization=None) -> int:
-    """Compare SeCO's gradient with ordinary backprop on `model`; return 0 if within tolerance, else 1."""
-    from chunkwise.models.loading import add_lora, load_causal_lm
+    """Compare SeCO's gradient with ordinary backprop on `model`; return 0 if within tolerance, else 1.
+
+    `model`: a preset, a model folder, a hub id, or a run directory (its final model or latest checkpoint, a LoRA
+    adapter's gradient checked as trained).
+    """
     from chunkwise.models.quantize import NO_QUANTIZATION, check_quantized_training
-    from chunkwise.recipes.verify import compare_gradients
+    from chunkwise.recipes.run import check_model_argument
 
     quantization = quantization or NO_QUANTIZATION
     check_quantized_training(quantization, lora_rank=lora_r)
-
     if seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2 (one token predicts the next), got {seq_len}")
+    if chunk_size < 1:
+        raise UsageError(f"--chunk-size must be a positive integer (tokens per chunk), got {chunk_size}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise UsageError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    check_model_argument(model)
+    environment.torch_ready()
+
+    from chunkwise.recipes.verify import compare_gradients
+
     device = default_device(device)
-    if quantization.enabled:  # loaded onto the device (a quantized model cannot move afterwards)
-        lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed, quantization=quantization,
-                            compute_dtype=quantization.compute_dtype(DTYPES[dtype], None), device=device)
-    else:
-        lm = load_causal_lm(model, dtype=DTYPES[dtype], seed=seed).to(device)
-    if lora_r > 0:
-        # LoRA starts with B = 0, where A's gradient is exactly zero and proves nothing: draw B.
-        lm = add_lora(lm, rank=lora_r, random_b=0.02, seed=seed)
+    lm = _verify_model(model, dtype=dtype, device=device, seed=seed, lora_r=lora_r, quantization=quantization)
     report = compare_gradients(lm, seq_len=seq_len, chunk_size=chunk_size, batch_size=batch_size, seed=seed)
     passed = print_verify(report, model=model, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
                           chunk_size=chunk_size, lora_r=lora_r, tolerance=tolerance)
     return 0 if passed else 1
+
+
+def _verify_model(model: str, *, dtype: str, device: str, seed: int, lora_r: int, quantization):
+    """The model `verify` checks, in `dtype` on `device`: a run's trained model (adapter trainable), else `model` loaded
+    (or built from a preset with `seed`), with a LoRA adapter of rank `lora_r` if asked."""
+    import torch
+
+    from chunkwise.core.handle import unwrap_causal_lm
+    from chunkwise.core.quantized import is_quantized
+    from chunkwise.models.loading import add_lora, load_causal_lm
+    from chunkwise.recipes.run import is_adapter_folder, is_run_directory, load_trained_model, model_folder_of_run
+
+    weights = getattr(torch, dtype)
+    compute = quantization.compute_dtype(weights, None) if quantization.enabled else None
+    folder = Path(model).expanduser()
+    if is_run_directory(folder):
+        if lora_r > 0 and is_adapter_folder(model_folder_of_run(folder)):
+            raise UsageError(f"--lora-r: the run in {model} trained a LoRA adapter, whose gradient verify checks as it is; drop --lora-r")
+        lm, _, _ = load_trained_model(model, dtype=weights, quantization=quantization if quantization.enabled else None,
+                                      compute_dtype=compute, device=device, trainable=True)
+    elif quantization.enabled:  # loaded onto the device (a quantized model cannot move afterwards)
+        lm = load_causal_lm(model, dtype=weights, seed=seed, quantization=quantization, compute_dtype=compute, device=device)
+    else:
+        lm = load_causal_lm(model, dtype=weights, seed=seed)
+    if not is_quantized(unwrap_causal_lm(lm)):  # a quantized base was loaded onto the device and cannot move
+        lm = lm.to(device)
+    if lora_r > 0:
+        # LoRA starts with B = 0, where A's gradient is exactly zero and proves nothing: draw B.
+        lm = add_lora(lm, rank=lora_r, random_b=0.02, seed=seed)
+    return lm
 
 
 def bench_command(options: dict) -> int:
@@ -146,6 +180,8 @@ def plan(
 
     Returns 0, or 1 when `seq_len` fits the budget with no method.
     """
+    import torch
+
     from chunkwise.models.presets import DEMO_MODEL
     from chunkwise.plan import Budget, ModelShape, Training, build_report, device_budget
 
@@ -184,9 +220,11 @@ def plan(
 
 def export(*, model: str, output: str, dtype: str = "float32") -> int:
     """`chunkwise export`: merge a run's LoRA adapter into its base and save a plain transformers folder."""
+    import torch
+
     from chunkwise.recipes.export import export_model
 
-    result = export_model(model, output, dtype={"float16": torch.float16, **DTYPES}[dtype])
+    result = export_model(model, output, dtype=getattr(torch, dtype))
     what = "LoRA adapter merged into its base" if result.merged else "model saved as it was (no adapter to merge)"
     print(f"chunkwise export: {model}: {what}; {result.parameters:,} parameters in {dtype}"
           f"{', with its tokenizer' if result.tokenizer else ', no tokenizer'} -> {result.output}\n"
@@ -197,8 +235,8 @@ def export(*, model: str, output: str, dtype: str = "float32") -> int:
 def train(given: dict) -> int:
     """`chunkwise train`: options the user gave override the run's saved settings (on --resume) or the defaults."""
     from chunkwise.recipes.run import is_run_directory, read_run_settings
-    from chunkwise.recipes.train import TrainConfig, TrainingError
-    from chunkwise.recipes.train import train as run_training
+    from chunkwise.recipes.train.config import TrainConfig, TrainingError
+    from chunkwise.recipes.train.preflight import preflight
 
     output = given.get("output", TrainConfig.output)
     settings = {}
@@ -207,12 +245,17 @@ def train(given: dict) -> int:
         settings.update(resume=True, overwrite=False)
     settings.update(given)
     config = TrainConfig(**settings)
+    preflight(config)  # every setting and local path, before torch and transformers are imported (seconds)
+    environment.torch_ready()
+    from chunkwise.recipes.train.recipe import train as run_training
+
     try:
         result = run_training(config)
     except TrainingError as error:
         print(f"chunkwise train: {error}", file=sys.stderr)
         return 1
-    _print_summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the result; one prints it
+        _print_summary(result)
     return 128 + int(result.interrupted) if result.interrupted else 0  # the shell's code for "killed by signal"
 
 
@@ -235,7 +278,7 @@ def _print_summary(result) -> None:
 def evaluate(given: dict) -> int:
     """`chunkwise eval`: score documents chunk by chunk and print a table (or JSON)."""
     as_json = given.pop("as_json")
-    from chunkwise.recipes.evaluate import EvalConfig
+    from chunkwise.recipes.evaluate import EvalConfig, check_settings
     from chunkwise.recipes.evaluate import evaluate as run_evaluation
 
     task, depths, num_probes, output = (given.pop(name) for name in ("task", "depths", "num_probes", "output"))
@@ -252,6 +295,8 @@ def evaluate(given: dict) -> int:
     if lengths is not None and len(lengths) > 1:
         raise UsageError("--seq-len takes one length unless --task is passkey or needle")
     config = EvalConfig(**given, seq_len=lengths[0] if lengths else None)
+    check_settings(config)
+    environment.torch_ready()
     report = run_evaluation(config, log=lambda line: print(line, file=sys.stderr))
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
@@ -269,6 +314,7 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
     unused += ["--batch-size"] if given.get("batch_size") != 1 else []
     if unused:
         raise UsageError(f"{', '.join(unused)} do not apply to --task {task}: probes are built from the model's tokenizer")
+    environment.torch_ready()
     config = ProbeConfig(
         model=given["model"], task=task, lengths=given["seq_len"] or (4096,),
         depths=parse_list(depths, "--depths", float) if depths else DEFAULT_DEPTHS, num_probes=5 if num_probes is None else num_probes,

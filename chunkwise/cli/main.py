@@ -17,13 +17,16 @@ import argparse
 import sys
 import warnings
 
-from chunkwise.attention.chunk import ATTENTION_CHOICES
-from chunkwise.cli import commands
-from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, lengths_option
+# Nothing here imports torch or transformers: arguments are parsed and checked first, and each command imports
+# what it needs (tests/cli/test_cli_startup.py keeps it so).
+from chunkwise.attention.names import ATTENTION_CHOICES
+from chunkwise.cli import commands, environment
+from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, command_line_spelling, lengths_option
+from chunkwise.data.files import DataError
 from chunkwise.models.quantize import Quantization
 from chunkwise.recipes.checkpoint import CheckpointError
 from chunkwise.recipes.train.config import TrainConfig
-from chunkwise.utils.memory import parse_bytes  # re-exported: `chunkwise bench`'s byte options
+from chunkwise.utils.sizes import parse_bytes  # re-exported: `chunkwise bench`'s byte options
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_bytes"]
 
@@ -57,6 +60,9 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
                                                       help="seco/spaco attention: chunkwise (default; no repeated KV heads or mask "
                                                       "kept for backward) or the model's own"))),
         "quantization": _quantization_parent(),
+        "threads": _parent((("--threads",), dict(dest="torch_threads", type=int, default=None, metavar="N",
+                                                  help="torch's CPU threads (default: torch's, one per core; a hint is printed when "
+                                                  "fewer cores are free)"))),
         "fields": _parent(
             (("--text-field",), dict(default="text", help="JSONL/dataset field with the text (default text)")),
             (("--prompt-field",), dict(default=None, help="instruction data: field with the prompt (its tokens are not scored)")),
@@ -84,13 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkwise", description="Fine-tune long-context causal LMs chunk by chunk (SeCO / SpaCO)."
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors, and the libraries' own warnings, "
+                        "log lines and progress bars (quiet otherwise)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     shared = _shared_options()
     _add_verify(subparsers, shared)
     _add_bench(subparsers, shared)
     _add_plan(subparsers, shared)
-    _add_train(subparsers)
+    _add_train(subparsers, shared)
     _add_eval(subparsers, shared)
     _add_export(subparsers)
     return parser
@@ -101,10 +108,13 @@ def _add_verify(subparsers, shared: dict) -> None:
         "verify",
         help="check SeCO's gradient against ordinary backprop on a model",
         description="Compute one random batch's gradient with SeCO and with ordinary backprop, print the "
-        "largest differences per parameter group, and exit 1 if any exceeds the tolerance.",
-        parents=[shared["device"], shared["seed"], shared["batch"], shared["quantization"]],
+        "largest differences per parameter group, and exit 1 if any exceeds the tolerance. In float64, the RMSNorms "
+        "transformers computes in float32 inside (Llama, Qwen, Mistral) compute in float64 in both passes, so the "
+        "differences are chunking's alone (the output says so).",
+        parents=[shared["device"], shared["seed"], shared["batch"], shared["quantization"], shared["threads"]],
     )
-    verify.add_argument("--model", default="tiny-llama", help="local directory, hub id, or tiny preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma3)")
+    verify.add_argument("--model", default="tiny-llama", help="run directory (its trained model), model folder, hub id, or tiny preset "
+                        "(tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma3)")
     verify.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     verify.add_argument("--chunk-size", type=int, default=32, help="tokens per chunk (default 32)")
     verify.add_argument("--tolerance", type=float, default=None, help="largest relative difference that passes (default: 1e-6 float64, 1e-3 float32, 1e-1 bfloat16)")
@@ -166,7 +176,7 @@ def _add_plan(subparsers, shared: dict) -> None:
     plan.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names for LoRA (default q_proj,v_proj)")
 
 
-def _add_train(subparsers) -> None:
+def _add_train(subparsers, shared: dict) -> None:
     train = subparsers.add_parser(
         "train",
         help="fine-tune a causal LM chunk by chunk (with no options: the built-in CPU demo)",
@@ -174,6 +184,7 @@ def _add_train(subparsers) -> None:
         "Llama from scratch on a synthetic long-range recall task (2048-token sequences) on CPU in about two "
         "minutes. Writes metrics.jsonl, loss.png, checkpoints/ and model/ to --output. Only the options given "
         "override the defaults (or, with --resume, the run's saved settings).",
+        parents=[shared["threads"]],
     )
     add_config_options(train, TrainConfig)
 
@@ -185,7 +196,8 @@ def _add_eval(subparsers, shared: dict) -> None:
         description="Score documents with chunked no-grad inference through a KV cache: memory of one chunk's "
         "activations plus the cache, so documents far longer than a full forward allows can be scored. --model "
         "takes a run directory, a model or adapter folder, a hub id or a tiny preset.",
-        parents=[shared["device"], shared["seed"], shared["batch"], shared["fields"], shared["json"], shared["quantization"]],
+        parents=[shared["device"], shared["seed"], shared["batch"], shared["fields"], shared["json"], shared["quantization"],
+                 shared["threads"]],
     )
     evaluate.add_argument("--model", required=True, help="run directory, model/adapter folder, hub id or tiny preset")
     evaluate.add_argument("--data", default=None, help="documents to score (as train --data); default: the run's data, else the synthetic task")
@@ -194,7 +206,8 @@ def _add_eval(subparsers, shared: dict) -> None:
                        "(default: all); --task passkey/needle: comma-separated probe lengths (default 4096)")
     evaluate.add_argument("--chunk-size", type=int, default=1024, help="tokens per inference chunk (default 1024)")
     evaluate.add_argument("--num-sequences", type=int, default=32, help="synthetic: held-out sequences (default 32)")
-    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
+                          help="precision of the model's weights (default float32)")
     evaluate.add_argument("--allow-extrapolation", action="store_true", help="score documents longer than the model's position limit")
     evaluate.add_argument("--task", choices=["lm", "passkey", "needle"], default="lm",
                        help="lm (default): loss and perplexity of documents; passkey / needle: long-context retrieval probes "
@@ -222,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     # peft calls a transformers API that transformers has deprecated; the warning is not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "torch_threads")}
+    threads = getattr(args, "torch_threads", None)
+    if threads is not None and threads < 1:
+        print(f"chunkwise {args.command}: error: --threads must be at least 1, got {threads}", file=sys.stderr)
+        return 2
+    environment.configure(debug=args.debug, threads=threads)
     try:
         return COMMANDS[args.command](options)
     except KeyboardInterrupt:
@@ -232,5 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError, CheckpointError) as error:
         if args.debug:
             raise
-        print(f"chunkwise {args.command}: error: {error}", file=sys.stderr)
+        message = command_line_spelling(str(error)) if isinstance(error, DataError) else error
+        print(f"chunkwise {args.command}: error: {message}", file=sys.stderr)
         return 2

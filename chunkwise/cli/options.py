@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -85,6 +86,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         metavar = "{" + ",".join(map(str, choices[field.name])) + "}" if field.name in choices else None
         parser.add_argument(option_name(field.name), type=_value_type(hints[field.name]), metavar=metavar, default=argparse.SUPPRESS,
                             help=help_text)
+
+
+# The data readers' parameters (`chunkwise.data.files.load_records(text_field=...)`) as the command line spells them.
+_DATA_FIELDS = re.compile(r"\b(text|prompt|response|chosen|rejected)_field\b")
+
+
+def command_line_spelling(message: str) -> str:
+    """A data error's message with the readers' parameter names (`text_field`) spelled as options (`--text-field`):
+    the data layer speaks to Python callers, the command line's user gave an option."""
+    return _DATA_FIELDS.sub(lambda match: f"--{match.group(1)}-field", message)
 
 
 def parse_list(text: str, option: str, convert=str) -> tuple:

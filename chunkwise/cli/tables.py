@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from chunkwise.utils.memory import format_bytes
+from chunkwise.utils.sizes import format_bytes
 
 
 def print_verify(report, *, model: str, dtype: str, device: str, batch_size: int, seq_len: int, chunk_size: int, lora_r: int,
@@ -23,6 +23,12 @@ def print_verify(report, *, model: str, dtype: str, device: str, batch_size: int
         f"chunk size {chunk_size} ({num_chunks} chunks){', LoRA r=' + str(lora_r) if lora_r else ''}"
     )
     console.print(f"loss: SeCO {report.loss_seco:.12g}   full backprop {report.loss_full:.12g}")
+    if report.norms_in_model_dtype:
+        console.print(f"{dtype}: {report.norms_in_model_dtype} RMSNorm modules computed in {dtype} in both passes (transformers "
+                      "rounds them to float32 inside), so the differences below are chunking's alone")
+    if report.norms_left_float32:
+        console.print(f"note: {', '.join(report.norms_left_float32)} compute in float32 inside and were left so: their "
+                      "rounding (~1e-7) is part of the differences below")
     table = Table(title="gradient difference, SeCO vs full backprop", title_justify="left")
     table.add_column("parameter group", overflow="fold", min_width=30)
     for column in ("tensors", "max abs diff", "max rel diff"):

@@ -9,16 +9,21 @@ with a `ChunkwiseConfig` and build it with `ChunkwiseConfig.make_engine`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from chunkwise.attention.names import ATTENTION_CHOICES
+from chunkwise.core.names import METHODS, SAMPLING_POLICIES
+from chunkwise.utils.sizes import parse_bytes
 
-from chunkwise.attention.chunk import ATTENTION_CHOICES
-from chunkwise.core.engine import SeCO, SpaCO
-from chunkwise.core.sampling import SAMPLERS, ChunkSampler, make_sampler
-from chunkwise.utils.memory import parse_bytes
+# The engines (and torch) are imported where they are built: `chunkwise train` checks its settings here before
+# anything heavy loads.
+if TYPE_CHECKING:
+    import torch
 
-METHODS = ("seco", "spaco")
+    from chunkwise.core.engine import SeCO
+    from chunkwise.core.sampling import ChunkSampler
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def check_engine_settings(settings, *, names: OptionNames, methods: tuple[str, .
     """
     check_choice(settings.method, methods, names("method"))
     check_choice(settings.attention, ATTENTION_CHOICES, names("attention"))
-    check_choice(settings.sampling, tuple(SAMPLERS), names("sampling"))
+    check_choice(settings.sampling, SAMPLING_POLICIES, names("sampling"))
     chunk_size = settings.chunk_size
     if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{names('chunk_size')} must be a positive integer (tokens per chunk) or 'auto', got {chunk_size!r}")
@@ -77,7 +82,17 @@ def check_engine_settings(settings, *, names: OptionNames, methods: tuple[str, .
         return
     if settings.budget is None:
         raise ValueError(f"{names.value('method', 'spaco')} needs {names.short('budget')}: how many chunks to backpropagate per step")
-    # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1.
+    # The sampler's own checks of these two, here too with the setting's name (`--budget`) and before torch loads.
+    budget, cap = settings.budget, settings.max_compensation
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{names('budget')} must be a positive integer (chunks backpropagated per step), got {budget!r}")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1):
+        raise ValueError(f"{names('max_compensation')} must be a number >= 1 (a factor below 1 would shrink the gradient), or "
+                         f"None for no cap; got {cap!r}")
+    # The sampler checks budget and max_compensation with its own messages; fail here, not at step 1 (this one
+    # check imports torch, with the sampler).
+    from chunkwise.core.sampling import make_sampler
+
     make_sampler(settings.sampling, budget=settings.budget, max_compensation=settings.max_compensation, seed=0)
 
 
@@ -114,6 +129,8 @@ class ChunkwiseConfig:
 
     def make_sampler(self, default_seed: int) -> ChunkSampler | None:
         """SpaCO's chunk sampler (None for SeCO); the trainer owns it so its state survives engine rebuilds."""
+        from chunkwise.core.sampling import make_sampler
+
         if self.method == "seco":
             return None
         seed = default_seed if self.seed is None else self.seed
@@ -129,6 +146,8 @@ class ChunkwiseConfig:
                 checkpoints); by default a fresh one from `make_sampler(self.seed or 0)`.
             full_loss: SpaCO reports the exact loss (LM head on skipped chunks too) or only its estimate.
         """
+        from chunkwise.core.engine import SeCO, SpaCO
+
         chunk_size = chunk_size or self.chunk_size
         if chunk_size == "auto":
             raise ValueError("chunk_size='auto' is planned per batch shape: pass the planned chunk_size= to make_engine")

@@ -174,8 +174,7 @@ def load_records(
         return _non_empty(_load_text_directory(local, glob), name, why)
     if local.is_file():
         return _non_empty(_load_file(local, name, fields, split), name, "the file is empty")
-    if _looks_local(name):
-        raise DataError(f"data file {name} does not exist (relative paths start from {os.getcwd()}); check the path")
+    check_data_path(name)
     dataset = _load_hub_dataset(name, split)
     return _non_empty(_records_from_dataset(dataset, name, fields), name, f"its split {split!r} has no rows")
 
@@ -210,6 +209,17 @@ def _non_empty(records: list[Record], name: str, why: str) -> list[Record]:
     if not records:
         raise DataError(f"no examples found in {name}: {why}; add examples or check the path")
     return records
+
+
+def check_data_path(path: str) -> None:
+    """DataError for a path meant as local (see `_looks_local`) that does not exist; a hub dataset name passes.
+
+    `load_records` applies it; the command line calls it before anything heavy loads, so a mistyped path is
+    reported at once.
+    """
+    name = os.fspath(path)
+    if not Path(name).expanduser().exists() and _looks_local(name):
+        raise DataError(f"data file {name} does not exist (relative paths start from {os.getcwd()}); check the path")
 
 
 def _looks_local(name: str) -> bool:

@@ -12,6 +12,7 @@ import torch
 from chunkwise.core.loss import IGNORE_INDEX
 from chunkwise.data.conversations import check_chat_template, conversation_tokens
 from chunkwise.data.files import DataError, Record, load_records
+from chunkwise.data.names import PACKING_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,6 @@ class Sequence:
 
     input_ids: list[int]
     labels: list[int]
-
-
-PACKING_MODES = ("pack", "truncate")
 
 
 def make_sequences(documents: list[TokenizedDocument], *, seq_len: int, packing: str) -> list[Sequence]:

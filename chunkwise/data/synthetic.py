@@ -9,10 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from chunkwise.core.loss import IGNORE_INDEX
+from chunkwise.data.names import SYNTHETIC  # noqa: F401  (re-exported)
 from chunkwise.data.sequences import Sequence, collate
-
-SYNTHETIC = "synthetic"
-"""The `--data` value (and the default without `--data`) that selects `RecallTask`."""
 
 
 @dataclass(frozen=True)

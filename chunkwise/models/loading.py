@@ -8,7 +8,8 @@ import torch
 from transformers import PreTrainedModel
 
 from chunkwise.models.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-from chunkwise.models.known import KNOWN_CONFIGS, known_config
+from chunkwise.models.known import known_config
+from chunkwise.models.names import local_model_path as _local_model_path
 from chunkwise.models.presets import DEMO_MODEL, PRESETS, TINY_PRESETS, build_tiny_model, preset_config
 from chunkwise.models.quantize import NO_QUANTIZATION, Quantization
 
@@ -20,24 +21,6 @@ def preset_text_vocab(name: str) -> int | None:
     """The vocabulary a preset is built with when it reads text with its byte tokenizer: `BYTE_VOCAB_SIZE` (264)
     for the tiny presets, whose 128 ids are too few for 256 bytes; None for the others (their own ids suffice)."""
     return BYTE_VOCAB_SIZE if name in TINY_PRESETS else None
-
-
-def _local_model_path(name_or_path: str) -> Path | None:
-    """The folder `name_or_path` names, None for a hub id; FileNotFoundError for a path that does not exist.
-
-    A name that starts like a path (`.`, `/`, `~`) or exists on disk is a path, whatever else it looks like.
-    """
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
-    if not looks_local:
-        return None
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        what = "is a file, not a model folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"model path {name_or_path!r} {what}; give a directory saved with save_pretrained(), "
-            f"a hub id, or one of the tiny presets: {', '.join(TINY_PRESETS)}"
-        )
-    return path
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from chunkwise.models.names import DEMO_MODEL, TINY_PRESETS
+
 _TINY_COMMON = dict(
     vocab_size=128,
     hidden_size=64,
@@ -50,15 +52,6 @@ def tiny_config(preset: str):
     if preset == DEMO_MODEL:
         return demo_config()
     raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
-
-
-TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3")
-
-
-
-# The built-in demo's model (`chunkwise train` without --model): built like a preset, vocabulary of the
-# synthetic task.
-DEMO_MODEL = "demo-llama"
 
 
 def demo_config():

@@ -11,8 +11,10 @@ bitsandbytes is an optional dependency, imported only when a quantized base is a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the command line checks these options before torch loads
+    import torch
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -62,6 +64,8 @@ class Quantization:
 
     def compute_dtype(self, weights: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
         """The dtype bitsandbytes computes in: the given one, else the run's (autocast's, else the weights')."""
+        import torch
+
         if self.bnb_4bit_compute_dtype is not None:
             return getattr(torch, self.bnb_4bit_compute_dtype)
         dtype = autocast or weights

@@ -25,8 +25,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step-(\d+)")
@@ -161,6 +159,8 @@ def verify_checkpoint(folder: Path) -> dict:
 
 def capture_rng_state() -> dict:
     """Every random generator a training step may draw from: torch (CPU and each GPU) and Python's."""
+    import torch  # here, not above: the command line catches CheckpointError without loading torch
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -168,6 +168,8 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

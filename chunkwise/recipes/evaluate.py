@@ -15,10 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
-from chunkwise.core.quantized import is_quantized
-from chunkwise.core.inference import score_batches
-
 
 @dataclass
 class EvalConfig:
@@ -89,17 +85,27 @@ class EvalReport:
         return asdict(self)
 
 
+def check_settings(config: EvalConfig) -> None:
+    """The plain settings and the model's path, checked before torch loads (`chunkwise eval` answers a mistake at once)."""
+    from chunkwise.recipes.run import check_model_argument
+
+    if config.chunk_size < 1 or config.batch_size < 1:
+        raise ValueError("--chunk-size and --batch-size must be positive integers")
+    check_model_argument(config.model)
+
+
 def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     """Score `config.data` with `config.model` chunk by chunk; see the module docstring."""
+    check_settings(config)
+    from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
+    from chunkwise.core.inference import score_batches
+    from chunkwise.core.quantized import is_quantized
     from chunkwise.data.sequences import collate, pad_token_id, read_sequences
     from chunkwise.data.synthetic import SYNTHETIC, held_out_batches, synthetic_task_for
     from chunkwise.models.loading import check_position_limit
     from chunkwise.recipes.run import load_trained_model
     from chunkwise.utils.memory import peak_memory_bytes
     from chunkwise.utils.precision import resolve_device, training_dtypes
-
-    if config.chunk_size < 1 or config.batch_size < 1:
-        raise ValueError("--chunk-size and --batch-size must be positive integers")
     device = resolve_device(config.device)
     weights_dtype, autocast_dtype = training_dtypes(config.dtype, device)
     quantization = config.quantization()

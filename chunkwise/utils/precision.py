@@ -1,12 +1,20 @@
-"""Device and precision choice: `--device` and `--dtype` as torch reads them."""
+"""Device and precision choice: `--device` and `--dtype` as torch reads them.
+
+torch is imported where it is used, so that the command line can check `--dtype` before loading it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str) -> torch.device:
     """"auto" → the first CUDA device when there is one, else the CPU; other names as torch reads them."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -29,6 +37,8 @@ def training_dtypes(precision: str, device: torch.device, *, frozen_base: bool =
     LoRA, which are stored in the low precision to halve their memory (the adapter stays float32).
     "float64" is for exactness checks: float64 weights, no autocast.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":

@@ -39,7 +39,7 @@ def test_verify_lora_on_a_saved_model(tmp_path, capsys):
     [
         (["--model", "./no/such/model"], "does not exist"),
         (["--seq-len", "1"], "--seq-len must be at least 2"),
-        (["--chunk-size", "0"], "chunk_size must be a positive integer"),
+        (["--chunk-size", "0"], "--chunk-size must be a positive integer"),  # named as the option, checked before loading
         (["--tolerance", "-1"], "--tolerance must be a finite number"),
     ],
 )
@@ -98,3 +98,15 @@ def test_engine_checks_name_the_python_setting_or_the_option():
         ChunkwiseConfig(budget=2)
     with pytest.raises(ValueError, match=r"^--budget only applies to --method spaco"):
         TrainConfig(budget=2).resolved()
+
+
+def test_every_option_of_every_command_is_described():
+    """`--help` of each subcommand describes each option (eval's --dtype had none)."""
+    import argparse
+
+    from chunkwise.cli.main import build_parser
+
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command, parser in subcommands.choices.items():
+        silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+        assert not silent, f"chunkwise {command}: {silent} have no help"

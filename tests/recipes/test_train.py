@@ -292,13 +292,13 @@ def test_corrupt_checkpoint_is_named_and_kept(tmp_path, capsys):
     data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     optimizer_state.write_bytes(bytes(data))
-    code, error = run_cli(capsys, "train", *small, "--resume", "--steps", "3")
+    code, error = run_cli(capsys, "train", *small, "--resume")
     assert code == 2 and f"checkpoint {checkpoint} is corrupt: optimizer.pt does not match its SHA-256" in error
     assert optimizer_state.exists() and latest_checkpoint(output) == checkpoint
 
     optimizer_state.write_bytes(original)
     (checkpoint / "rng.pt").unlink()
-    code, error = run_cli(capsys, "train", *small, "--resume", "--steps", "3")
+    code, error = run_cli(capsys, "train", *small, "--resume")
     assert code == 2 and "rng.pt is missing" in error
 
 
@@ -338,6 +338,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     )
     assert_launch_succeeded(code, output)
     assert "x 2 ranks" in output
+    assert output.count("at the first step") == 1  # the final summary, printed by rank 0 alone
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-12)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]

@@ -13,13 +13,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkwise.attention.chunk import ATTENTION_CHOICES
+# Names only (no torch): `chunkwise train` checks its options with this module before anything heavy loads.
+from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.core.config import OptionNames, check_choice, check_engine_settings
-from chunkwise.core.objectives import OBJECTIVES
-from chunkwise.core.sampling import SAMPLERS
-from chunkwise.data.sequences import PACKING_MODES
-from chunkwise.data.synthetic import SYNTHETIC
-from chunkwise.models.presets import DEMO_MODEL
+from chunkwise.core.names import OBJECTIVE_NAMES, SAMPLING_POLICIES
+from chunkwise.data.names import PACKING_MODES, SYNTHETIC
+from chunkwise.models.names import DEMO_MODEL
 from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_quantized_training
 from chunkwise.utils.precision import PRECISIONS
 
@@ -30,8 +29,9 @@ ZERO_STAGES = (1, 2, 3)
 # The demo's settings, tuned to learn the recall task in about two minutes on two CPU cores.
 DEMO_SETTINGS = dict(seq_len=2048, chunk_size=512, batch_size=8, steps=400, lr=1e-2, warmup_ratio=0.05, adam_beta2=0.98, eval_every=100)
 # Settings a resumed run may change without changing the trajectory of the steps already planned
-# (`attention` changes float rounding only, `offload_kv` nothing at all).
-RESUMABLE_CHANGES = {"attention", "offload_kv", "dist_timeout", "memory", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
+# (`attention` changes float rounding only, `offload_kv` nothing at all; `output`: the run is identified by the
+# id in its chunkwise_run.json, wherever it now lies). Not `steps`: the learning-rate schedule depends on it.
+RESUMABLE_CHANGES = {"output", "attention", "offload_kv", "dist_timeout", "memory", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "resume", "overwrite", "device", "progress"}
 OPTION_NAMES = OptionNames()  # messages name settings as command-line options: `--chunk-size`
 
 
@@ -49,7 +49,7 @@ class TrainConfig:
 
     # Each setting with a fixed set of values: the one list that `check` tests and `--help` shows.
     CHOICES = {
-        "method": METHODS, "objective": tuple(OBJECTIVES), "sampling": tuple(SAMPLERS), "attention": ATTENTION_CHOICES,
+        "method": METHODS, "objective": OBJECTIVE_NAMES, "sampling": SAMPLING_POLICIES, "attention": ATTENTION_CHOICES,
         "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES, **Quantization.CHOICES,
         "report_to": REPORT_TO,
     }
@@ -194,7 +194,8 @@ class TrainConfig:
     rank) before it stops with an error. It must exceed the longest gap between collectives: one
     optimizer step, or rank 0 writing a checkpoint. 1800 is torch's and Trainer's default."""
     resume: bool = False
-    """Continue the run in `output` from its latest checkpoint, with the settings it started with."""
+    """Continue the run in `output` (wherever it was moved or copied) from its latest checkpoint, with the settings and
+    the number of steps it started with."""
     overwrite: bool = False
     """Replace the run in `output`."""
     progress: bool = True

@@ -106,7 +106,7 @@ class TrainRecipe:
         dist, device = self.dist, self.device
         self.config = config = check_before_loading(self.config, self.output, device, dist, self.log)
         if config.resume and dist.is_main:
-            check_resume_settings(config, self.output, self.log)
+            check_resume_settings(config, self.output)
         tokenizer = tokenizer_for(config)
         sequences = training_sequences(config, tokenizer)
         self.held_out = held_out_rows(config, tokenizer)
@@ -161,7 +161,7 @@ class TrainRecipe:
             self.evaluate(0)
         self.first_loss = self.last_loss = None
         interrupted = None
-        started = time.perf_counter()
+        started, start_step = time.perf_counter(), state.step
         progress = TrainingProgress(total_steps=config.steps, start_step=state.step, log_every=config.log_every,
                                     enabled=config.progress and dist.is_main)
         with StopRequest() as stop, progress:
@@ -189,7 +189,7 @@ class TrainRecipe:
             self.save_final_model()
         self.metrics.close()
         self._finish_plot()
-        self._report(time.perf_counter() - started, interrupted)
+        self._report(time.perf_counter() - started, interrupted, start_step=start_step)
         return TrainResult(self.output, state.step, self.first_loss, self.last_loss, state.skipped, interrupted, self.evaluations)
 
     def _count(self, record: dict) -> None:
@@ -249,14 +249,23 @@ class TrainRecipe:
 
     # ----- messages -------------------------------------------------------------------------------------
 
-    def _report(self, elapsed: float, interrupted: int | None) -> None:
+    def _report(self, elapsed: float, interrupted: int | None, *, start_step: int) -> None:
+        """The closing lines. A resumed run counts its time over every session: metrics.jsonl keeps each step's and
+        each evaluation's seconds (this session's wall time also holds loading and checkpoints)."""
         if not self.dist.is_main or interrupted:
             return
-        self.log(f"done: {self.state.step} steps in {elapsed:.0f} s; model in {self.output / FINAL_MODEL}")
+        step = self.state.step
+        steps_time = sum(r["seconds"] for r in self.metrics.records() if r["kind"] == "train")
+        evals_time = sum(r["seconds"] for r in self.evaluations)
+        if start_step:
+            self.log(f"done: {step} steps (steps {start_step + 1}-{step} in this session, {elapsed:.0f} s; the run's steps and "
+                     f"evaluations {steps_time + evals_time:.0f} s in all); model in {self.output / FINAL_MODEL}")
+        else:
+            self.log(f"done: {step} steps in {elapsed:.0f} s; model in {self.output / FINAL_MODEL}")
         if self.evaluations:
-            spent = sum(r["seconds"] for r in self.evaluations)
-            self.log(f"held-out evaluation: {len(self.evaluations)} evaluations, {spent:.1f} s in all "
-                     f"({spent / max(elapsed, 1e-9):.0%} of this session's {elapsed:.0f} s); best step in {self.output / BEST_EVAL}")
+            share = evals_time / max(steps_time + evals_time, 1e-9)
+            self.log(f"held-out evaluation: {len(self.evaluations)} evaluations, {evals_time:.1f} s in all ({share:.0%} of the "
+                     f"run's {steps_time + evals_time:.1f} s of steps and evaluations); best step in {self.output / BEST_EVAL}")
 
     def _describe(self) -> str:
         """The run's first lines: model, parameters trained, device and ranks, data, method, schedule."""

@@ -91,7 +91,8 @@ class TensorBoardLog:
 
 
 def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
-    """Training loss per step (raw and smoothed) and any eval loss points; returns the PNG path."""
+    """Training loss per step (raw and smoothed), any held-out loss points (the best starred) and, on a second axis,
+    the held-out accuracy (with chance, where the task has one); returns the PNG path."""
     train = [r for r in records if r["kind"] == "train" and r.get("loss") is not None]
     if not train:
         return None
@@ -115,15 +116,33 @@ def plot_losses(records: list[dict], path: Path, *, title: str) -> Path | None:
         axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:orange", label="held-out loss")
         best = min(evals, key=lambda r: (r["loss"], r["step"]))
         axis.plot([best["step"]], [best["loss"]], "*", color="tab:red", markersize=14, label=f"best: step {best['step']}")
+        _plot_accuracy(axis, evals)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (nats / target token)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend()
+    handles, labels = [], []
+    for each in figure.axes:  # one legend for both axes
+        more = each.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    axis.legend(handles, labels)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _plot_accuracy(axis, evals: list[dict]) -> None:
+    """Held-out next-token (or task) accuracy on a right-hand axis: what the demo's task is about."""
+    scored = [r for r in evals if r.get("accuracy") is not None]
+    if not scored:
+        return
+    right = axis.twinx()
+    right.plot([r["step"] for r in scored], [r["accuracy"] for r in scored], "s--", color="tab:green", label="held-out accuracy")
+    if scored[-1].get("chance") is not None:
+        right.axhline(scored[-1]["chance"], color="tab:green", linestyle=":", alpha=0.6, label="chance")
+    right.set_ylabel("held-out accuracy")
+    right.set_ylim(0, 1)
 
 
 class TrainingProgress:

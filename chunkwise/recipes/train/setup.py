@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from chunkwise.models.loading import (
 )
 from chunkwise.models.presets import DEMO_MODEL, PRESETS
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
-from chunkwise.recipes.run import RUN_FILE, is_run_directory, read_run_settings
+from chunkwise.recipes.run import PATH_SETTINGS, RUN_FILE, check_output, read_run_record, read_run_settings, resolved_paths
 from chunkwise.recipes.train.config import RESUMABLE_CHANGES, TrainConfig
 from chunkwise.recipes.train.distributed import Distributed
 from chunkwise.recipes.train.heldout import HeldOutSet, file_held_out, rows_held_out
@@ -40,23 +41,6 @@ from chunkwise.utils.memory import format_bytes, parse_bytes
 from chunkwise.utils.precision import training_dtypes
 
 # ----- the run directory ------------------------------------------------------------------------------
-
-
-def check_output(config: TrainConfig) -> Path:
-    """Refuse to mix runs in one directory unless told to resume or overwrite; nothing is written yet."""
-    output = Path(config.output).expanduser()
-    blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--output {output}: {blocking} is a file, not a directory; choose a directory path for the run")
-    if config.resume:
-        if not is_run_directory(output):
-            raise ValueError(f"--resume: {output} holds no chunkwise run to continue (no {RUN_FILE}); drop --resume to start one")
-    elif output.exists() and any(output.iterdir()):
-        if not is_run_directory(output):
-            raise ValueError(f"--output {output} is not empty and is not a chunkwise run; choose a new or empty directory")
-        if not config.overwrite:
-            raise ValueError(f"--output {output} holds another run; pass --resume to continue it or --overwrite to replace it")
-    return output
 
 
 def start_run_directory(config: TrainConfig) -> Path:
@@ -68,22 +52,39 @@ def start_run_directory(config: TrainConfig) -> Path:
     if output.exists() and config.overwrite:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    record = {"version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": dataclasses.asdict(config)}
+    settings = dataclasses.asdict(config)
+    # The run is identified by its id, not by where it lies: a run moved or copied elsewhere resumes all the same
+    # (its checkpoints carry the id; `TrainingState.load` checks it).
+    record = {"run_id": uuid.uuid4().hex, "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "config": settings, "paths": resolved_paths(settings)}
     (output / RUN_FILE).write_text(json.dumps(record, indent=1))
     return output
 
 
-def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
-    """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES)."""
-    saved = read_run_settings(output)
+def check_resume_settings(config: TrainConfig, output: Path) -> None:
+    """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES), and its step count.
+
+    Path-valued settings match when they name the same file or folder (relative or absolute, from any working
+    directory: the run recorded their absolute form).
+    """
+    record = read_run_record(output)
+    saved, saved_paths = record["config"], record.get("paths", {})
     current = dataclasses.asdict(config)
-    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    current_paths = resolved_paths(current)
+    if saved.get("steps") != config.steps:
+        # The warm-up + cosine schedule was laid out over the run's steps: another total would move the learning
+        # rate of every remaining step (at the old end, from 0 back up towards the peak). Refused, not reinterpreted.
+        raise ValueError(
+            f"--resume --steps {config.steps}: the run in {output} was started with --steps {saved.get('steps')}, and its "
+            "learning-rate schedule (warm-up, cosine decay to 0 at the last step) is fixed by that number; resume without "
+            "--steps, or train longer in a new run (another --output)"
+        )
+    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
+               and not (name in PATH_SETTINGS and name in current_paths and current_paths[name] == saved_paths.get(name))]
     if changed:
         listing = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
         raise ValueError(f"--resume with different settings than the run in {output} was started with ({listing}); "
                          "resume with the same settings or start a new run")
-    if saved.get("steps") != config.steps:
-        log(f"note: --steps changed from {saved.get('steps')} to {config.steps}; the cosine schedule follows the new total")
 
 
 
@@ -100,6 +101,7 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
     check_position_limit(model_config, config.seq_len, allow=config.allow_extrapolation, log=log)
     check_reference_config(config, model_config)
     if config.chunk_size != "auto":
+        note_one_chunk(config, log)
         return config
     if separate_reference(config):
         raise ValueError(
@@ -126,6 +128,13 @@ def check_before_loading(config: TrainConfig, output: Path, device: torch.device
         torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
     log(f"--chunk-size auto: {int(chunk)} tokens; predicted peak {format_bytes(plan.total(device.type))} ({describe_parts(plan)})")
     return dataclasses.replace(config, chunk_size=int(chunk))
+
+
+def note_one_chunk(config: TrainConfig, log) -> None:
+    """Say so when a chunk holds a whole sequence: the run is then ordinary backprop, with none of the memory saved."""
+    if config.method != "full" and config.chunk_size >= config.seq_len:
+        log(f"note: --chunk-size {config.chunk_size} >= --seq-len {config.seq_len}: each sequence is a single chunk, so "
+            f"{config.method} computes as ordinary backprop and saves no memory; a --chunk-size below --seq-len splits it")
 
 
 def separate_reference(config: TrainConfig) -> bool:

@@ -30,7 +30,7 @@ from chunkwise.recipes.checkpoint import (
     restore_rng_state,
     verify_checkpoint,
 )
-from chunkwise.recipes.run import MODEL_SUBDIR
+from chunkwise.recipes.run import MODEL_SUBDIR, read_run_record
 from chunkwise.recipes.train.config import TrainConfig
 from chunkwise.recipes.train.distributed import DataParallel, Distributed
 
@@ -79,7 +79,8 @@ class TrainingState:
             torch.save(ranks_rng, folder / "rng.pt")
             if isinstance(self.engine, SpaCO):
                 torch.save(self.engine.state_dict(), folder / "sampler.pt")
-            record = {**self.counters(), "world_size": dist.world_size, "config": dataclasses.asdict(config)}
+            record = {**self.counters(), "world_size": dist.world_size, "run_id": read_run_record(output).get("run_id"),
+                      "config": dataclasses.asdict(config)}
             (folder / "state.json").write_text(json.dumps(record, indent=1))
 
         # Rank 0 opens the temporary folder; every rank writes its part (the optimizer state, or its shards);
@@ -113,6 +114,10 @@ class TrainingState:
         saved = json.loads((folder / "state.json").read_text())
         if saved["world_size"] != dist.world_size:
             raise CheckpointError(f"{folder} was written by a run with a different number of processes; resume with the same number")
+        run_id = read_run_record(output).get("run_id")
+        if None not in (run_id, saved.get("run_id")) and saved["run_id"] != run_id:  # runs made before ids have none
+            raise CheckpointError(f"{folder} belongs to another run (id {saved['run_id']}) than the one in {output} (id {run_id}); "
+                                  "copy a run directory whole, checkpoints and chunkwise_run.json together")
         if not self.backend.sharded:
             load_weights(self.model, folder / MODEL_SUBDIR)
         self.backend.load_state(folder)  # the optimizer state; sharded set-ups restore the model's shards too
