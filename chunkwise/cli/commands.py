@@ -141,6 +141,8 @@ def plan(
     attention: str = "chunkwise",
     as_json: bool = False,
     quantization=None,
+    documents: tuple[int, ...] | None = None,
+    budget: int = 8,
 ) -> int:
     """`chunkwise plan`: each method's predicted peak memory, from the model's config alone.
 
@@ -161,19 +163,22 @@ def plan(
                                        batch_size=batch_size, attention=attention, **options)
     shape = ModelShape.from_name(model)
     if memory is not None:
-        budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
+        memory_budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
     elif device_type == "cpu" or torch.cuda.is_available():
-        budget = device_budget(torch.device(device))
+        memory_budget = device_budget(torch.device(device))
     else:
-        budget = None
-    report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=budget)
+        memory_budget = None
+    if budget < 1:
+        raise UsageError(f"--budget must be at least 1 chunk, got {budget}")
+    report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=memory_budget,
+                          documents=documents, spaco_budget=budget)
     fits = report.budget is None or not report.plans or any(report.budget.admits(p, device_type) for p in report.plans)
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
         print_plan(report, device)
     if not fits:
-        print(f"chunkwise plan: {seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
+        print(f"chunkwise plan: {report.seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
     return 0 if fits else 1
 
 
