@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import replace
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from chunkwise.attention.documents import DocumentSegments, document_attention, segments_of
 from chunkwise.attention.kernels import CPU_FLASH, PartKernel, merge_parts, select_kernel
 from chunkwise.attention.offload import OffloadedPast, claim
 
@@ -69,8 +71,9 @@ def _as_rows(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return tensor.reshape(batch, kv_heads, heads // kv_heads * chunk, *tensor.shape[3:])
 
 
-def _past_bounds(past: int) -> list[tuple[int, int]]:
-    return [(start, min(start + PAST_BLOCK, past)) for start in range(0, past, PAST_BLOCK)]
+def _past_bounds(past: int, first: int = 0) -> list[tuple[int, int]]:
+    """`PAST_BLOCK`-key blocks of the past `[first, past)`, cut from its first key (offloaded or not: the same cuts)."""
+    return [(start, min(start + PAST_BLOCK, past)) for start in range(first, past, PAST_BLOCK)]
 
 
 def _own_part(query, own_key, own_value, scale, kernel: PartKernel):
@@ -164,26 +167,25 @@ class _SplitAttention(torch.autograd.Function):
 def _stream_past_grads(ctx, past: OffloadedPast, grad_output, query, output, lse, grad_query) -> None:
     """Backward of an offloaded past: per block, fetch K/V (and the KV gradient later chunks accumulated),
     compute, add, write the sum back to the host — the copies on the streamer's side stream."""
-    bounds = _past_bounds(past.length)
+    bounds = _past_bounds(past.length, past.first)
     # A fresh K (or V) without a graph means nothing trainable is upstream of it, nor of the past's:
     # that gradient is not relayed (as `_PastAndChunk` does).
     wanted = [slot for slot, needed in enumerate(ctx.needs_input_grad[1:3]) if needed]
-    host = {slot: past.sink.gradient_buffer(slot) for slot in wanted}  # slot -> (buffer, tokens already summed)
-    for slot, (_, summed) in host.items():
-        if 0 < summed < past.length:
-            raise RuntimeError(f"chunkwise: KV gradient of tokens {summed}..{past.length} missing (chunks out of order)")
-    adding = [slot for slot in wanted if host[slot][1]]
-    sources = [past.keys, past.values, *(host[slot][0] for slot in adding)]
+    # Where later chunks already sent a gradient, this chunk's is added to it; the sink first zero-fills what
+    # of [first, length) they did not reach (a packed row: their past may have started later).
+    adding = [slot for slot in wanted if past.sink.cover(slot, past.first, past.length)]
+    host = {slot: past.sink.gradient_buffer(slot)[0] for slot in wanted}
+    sources = [past.keys, past.values, *(host[slot] for slot in adding)]
     for (start, end), blocks, state in zip(bounds, past.streamer.blocks(sources, bounds), ctx.states):
         grads = _past_block_grads(grad_output, query, output, lse, blocks[0], blocks[1], state, ctx.scale, ctx.kernel, grad_query)
         sums = dict(zip(adding, blocks[2:]))
         for slot in wanted:
-            buffer, grad = host[slot][0], grads[slot]
+            grad = grads[slot]
             if slot in sums:
                 grad = sums[slot].add_(grad)  # the fetched sum of later chunks' gradients, plus this chunk's
-            past.streamer.write_back(grad, buffer[:, :, start:end])
+            past.streamer.write_back(grad, host[slot][:, :, start:end])
     for slot in wanted:
-        past.sink.mark_summed(slot, past.length)
+        past.sink.mark_summed(slot, past.first, past.length)
 
 
 def split_attention(query, key, value, scale: float, kernel: PartKernel) -> torch.Tensor:
@@ -203,7 +205,7 @@ class _OffloadedSplitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, own_key, own_value, scale: float, kernel: PartKernel, past: OffloadedPast):
         output, lse, own_state = _own_part(query, own_key, own_value, scale, kernel)
-        bounds = _past_bounds(past.length)
+        bounds = _past_bounds(past.length, past.first)
         following = None
         if past.next_layer is not None and bounds:  # fetched while this layer's last block is computed
             following = (list(past.next_layer), bounds[0])
@@ -222,7 +224,7 @@ class _OffloadedSplitAttention(torch.autograd.Function):
             grad_query, grad_key, grad_value = _own_grads(
                 grad_output, query, own_key, own_value, output, lse, ctx.own_state, ctx.scale, ctx.kernel
             )
-            if past.length:
+            if past.length > past.first:
                 grad_query = grad_query.to(lse.dtype)
                 _stream_past_grads(ctx, past, grad_output, query, output, lse, grad_query)
         return grad_query.to(query.dtype), grad_key, grad_value, None, None, None
@@ -421,7 +423,35 @@ def _takes(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
         return False
     if attention_mask is None:  # transformers leaves the mask out only when it is plain causal over equal lengths
         return chunk == length
+    segments = segments_of(attention_mask)  # a packed row's per-document mask the engine built
+    if segments is not None:
+        return segments.past == length - chunk and len(segments.rows) == query.shape[0]
     return isinstance(attention_mask, torch.Tensor) and _verdicts.is_plain_causal(attention_mask, chunk)
+
+
+def _streams(segments: DocumentSegments) -> bool:
+    """Can an offloaded past stream for these runs? One row, whose only run into the past starts at its first key
+    (the engine narrows the past to it); otherwise the past is moved to the device for the call."""
+    return len(segments.rows) == 1 and all(k0 == 0 or k0 >= segments.past for _, _, k0 in segments.rows[0])
+
+
+def _per_document(query, key, value, scale: float, segments: DocumentSegments, offloaded: OffloadedPast | None) -> torch.Tensor:
+    """`causal_chunk_attention` run per document (`chunkwise.attention.documents`); an offloaded past streams
+    into the run that reads it, runs of documents starting in the chunk read the chunk's own keys."""
+    past = segments.past
+
+    def attend(q, k, v, row, k0):
+        if offloaded is None:
+            return causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
+        # Offloaded: `k`, `v` are host views; the run's own keys are taken from the chunk's fresh ones on the device.
+        length = k.shape[2]
+        own = slice(k0 - past, k0 - past + length) if k0 >= past else slice(0, length - past)
+        own_key, own_value = (t[row : row + 1, :, own].to(q.dtype) for t in (offloaded.fresh_keys, offloaded.fresh_values))
+        if k0 >= past:  # a document that starts in the chunk: its own keys only
+            return causal_chunk_attention(q, own_key, own_value, scale)
+        return causal_chunk_attention(q, k, v, scale, offloaded=replace(offloaded, fresh_keys=own_key, fresh_values=own_value))
+
+    return document_attention(query, key, value, segments, attend)
 
 
 def chunk_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -444,8 +474,14 @@ def chunk_attention_forward(module, query, key, value, attention_mask, dropout=0
     else:
         dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     offloaded = claim(key, value)  # a host-resident past the cache handed over with these tensors
+    segments = segments_of(attention_mask)
+    if segments is not None and offloaded is not None and not _streams(segments):
+        key, value, offloaded = key.to(query.device), value.to(query.device), None  # exact, no memory saved here
     with torch.autocast(device_type, enabled=False):
-        if offloaded is not None:
+        if segments is not None:
+            output = _per_document(query.to(dtype), key if offloaded is not None else key.to(dtype), value if offloaded is not None else value.to(dtype),
+                                   scale, segments, offloaded)
+        elif offloaded is not None:
             output = causal_chunk_attention(query.to(dtype), key, value, scale, offloaded=offloaded)
         else:
             output = causal_chunk_attention(query.to(dtype), key.to(dtype), value.to(dtype), scale)

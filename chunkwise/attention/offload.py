@@ -180,7 +180,8 @@ class OffloadedPast:
 
     Attributes:
         keys, values: host `[B, H_kv, T, D]` (time-major) buffers of the whole sequence.
-        length: tokens of the past (`[0, length)` of the buffers).
+        length: the past ends at token `length` of the buffers.
+        first: the past starts at token `first` (0, or a packed row's first key the chunk may read).
         fresh_keys, fresh_values: the chunk's own keys/values on the device, `[B, H_kv, c, D]`, in the
             storage dtype; in stage 2 they are on the graph.
         sink: receives the past's key/value gradients (`ChunkLayer`), or None in stage 1.
@@ -196,6 +197,7 @@ class OffloadedPast:
     sink: object | None
     streamer: BlockStreamer
     next_layer: tuple[torch.Tensor, torch.Tensor] | None = None
+    first: int = 0
 
 
 class _HandOver:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chunkwise.core.documents import Documents, find_documents
 from chunkwise.core.loss import IGNORE_INDEX, shift_labels
 
 
@@ -28,6 +29,9 @@ class ChunkedBatch:
         num_targets: number of valid (non -100) targets in the batch.
         bounds: `[(start, end), ...]` token ranges of the chunks; the last one may be shorter.
         chunk_has_targets: for each chunk, whether any of its targets is valid.
+        position_ids: the caller's `[B, T]` positions (`[3, B, T]` for M-RoPE), or None: `0..T-1` in every row.
+        documents: a packed batch's document layout (`chunkwise.core.documents`), or None: one document per row.
+        first_keys: for each chunk, the first key any of its queries may read (0 without documents).
     """
 
     input_ids: torch.Tensor | None
@@ -38,6 +42,18 @@ class ChunkedBatch:
     num_targets: int
     bounds: list[tuple[int, int]]
     chunk_has_targets: list[bool]
+    position_ids: torch.Tensor | None = None
+    documents: Documents | None = None
+    first_keys: tuple[int, ...] = ()
+
+    def first_key(self, chunk: int) -> int:
+        """The first key chunk `chunk` may read: keys before it belong to documents none of its queries is in."""
+        return self.first_keys[chunk] if self.first_keys else 0
+
+    def kv_is_read(self, chunk: int) -> bool:
+        """Whether a later chunk reads `chunk`'s keys/values (first keys never decrease along a row: the next
+        chunk's says it)."""
+        return chunk + 1 < self.num_chunks and self.first_key(chunk + 1) < self.bounds[chunk][1]
 
     @property
     def num_chunks(self) -> int:
@@ -62,16 +78,29 @@ def _check_token_tensor(name: str, tensor, like: torch.Tensor | None = None, lik
         raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(tensor.shape)}")
 
 
-def _check_right_padded(mask: torch.Tensor) -> None:
+def _check_right_padded(mask: torch.Tensor, packed: bool = False) -> None:
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
     if (mask[:, 1:] > mask[:, :-1]).any():
+        if packed:
+            raise ValueError(
+                "attention_mask has padding before real tokens (left padding, or holes) in a packed batch (position_ids "
+                "given): documents are told apart by position_ids restarting at 0, so drop the attention_mask, or pad "
+                "only at the end of each row"
+            )
         raise ValueError(
             "attention_mask has padding before real tokens (left padding, or holes); chunkwise supports right "
             "padding only: pad at the end of each row (tokenizer.padding_side = 'right')"
         )
     if (mask[:, 0] == 0).any():
         raise ValueError("attention_mask has a row with no real token; drop empty rows from the batch")
+
+
+def _mask_document_ends(targets: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+    """`targets` `[B, T]` with each document's last token predicting nothing (its next token starts another document)."""
+    if documents is None:
+        return targets
+    return torch.cat([targets[:, :-1].masked_fill(documents.is_start[:, 1:], IGNORE_INDEX), targets[:, -1:]], dim=1)
 
 
 def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -96,16 +125,22 @@ def chunk_batch(
     labels=None,
     attention_mask=None,
     num_items=None,
+    position_ids=None,
     chunk_size: int,
     vocab_size: int,
     hidden_size: int,
     device: torch.device,
+    max_positions: int | None = None,
 ) -> ChunkedBatch:
     """Validate the caller's tensors and prepare them for chunk-wise training.
 
     Exactly one of `input_ids` `[B, T]` and `inputs_embeds` `[B, T, H]` is given. `labels` default to
     `input_ids`, with padded positions (attention_mask 0) set to -100 so padding is never a target;
     with `inputs_embeds` labels are required. Given labels are used as they are (-100 = ignore).
+
+    `position_ids` `[B, T]` (`[3, B, T]` M-RoPE) are passed to the model as given; where they restart at 0 a
+    new document begins (`chunkwise.core.documents`), and whatever the labels say, the last token of a
+    document predicts nothing. `max_positions`: the model's `max_position_embeddings`, if it has one.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds" + (" (both were given)" if input_ids is not None else ""))
@@ -136,9 +171,14 @@ def chunk_batch(
     if attention_mask is not None:
         _check_token_tensor("attention_mask", attention_mask, like=shape_like, like_name=input_name)
         attention_mask = attention_mask.to(device)
-        _check_right_padded(attention_mask)
+        _check_right_padded(attention_mask, packed=position_ids is not None)
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: let the model use its plain causal mask
+    documents = None
+    if position_ids is not None:
+        documents = find_documents(position_ids, shape=shape_like.shape, attention_mask=attention_mask, max_positions=max_positions)
+        position_ids = position_ids.to(device=device, dtype=torch.long)
+        documents = None if documents is None else Documents(documents.starts.to(device), documents.is_start.to(device))
 
     if labels is None:
         labels = default_labels(input_ids, attention_mask)
@@ -151,7 +191,7 @@ def chunk_batch(
                 f"labels contains {int(labels[out_of_range][0])}: labels must be token ids in [0, {vocab_size}) "
                 f"or {IGNORE_INDEX} (ignored)"
             )
-    targets = shift_labels(labels)
+    targets = _mask_document_ends(shift_labels(labels), documents)
     valid = targets != IGNORE_INDEX
     num_targets = int(valid.sum())
 
@@ -166,4 +206,6 @@ def chunk_batch(
     bounds = [(start, min(start + chunk_size, seq_len)) for start in range(0, seq_len, chunk_size)]
     position_has_target = valid.any(dim=0).cpu()  # one device sync, not one per chunk
     has_targets = [bool(position_has_target[s:e].any()) for s, e in bounds]
-    return ChunkedBatch(input_ids, inputs_embeds, targets, attention_mask, normaliser, num_targets, bounds, has_targets)
+    first_keys = () if documents is None else tuple(documents.first_key(s, e) for s, e in bounds)
+    return ChunkedBatch(input_ids, inputs_embeds, targets, attention_mask, normaliser, num_targets, bounds, has_targets,
+                        position_ids, documents, first_keys)

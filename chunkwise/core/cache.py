@@ -60,25 +60,27 @@ def storage_dtype(states: torch.Tensor) -> torch.dtype:
 
 
 class _PastAndChunk(torch.autograd.Function):
-    """`buffer[:, :, :end]` with the fresh chunk written at `[start, end)`; backward relays the past's part.
+    """`buffer[:, :, first:end]` with the fresh chunk written at `[start, end)`; backward relays the past's part.
 
     Forward: writes `fresh` `[B, H, c, D]` into `buffer[:, :, start:end]` and returns the view of
-    `[0, end)`. Backward: adds the gradient of `[0, start)` into `grads.buffer(...)` (the KV gradients
-    of earlier chunks) and returns the gradient of `[start, end)` for `fresh`.
+    `[first, end)` (`first` > 0: a packed row whose chunk reads no key before it). Backward: adds the gradient
+    of `[first, start)` into `grads.accumulate(...)` (the KV gradients of earlier chunks) and returns the
+    gradient of `[start, end)` for `fresh`.
     """
 
     @staticmethod
-    def forward(ctx, fresh, buffer, grads, slot, start):
+    def forward(ctx, fresh, buffer, grads, slot, start, first=0):
         end = start + fresh.shape[-2]
         buffer[:, :, start:end] = fresh  # a device-to-host copy when the buffer is offloaded
-        ctx.grads, ctx.slot, ctx.start, ctx.device, ctx.dtype = grads, slot, start, fresh.device, fresh.dtype
-        return buffer[:, :, :end]
+        ctx.grads, ctx.slot, ctx.start, ctx.first, ctx.device, ctx.dtype = grads, slot, start, first, fresh.device, fresh.dtype
+        return buffer[:, :, first:end]
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.start > 0:
-            ctx.grads.accumulate(ctx.slot, grad[:, :, : ctx.start])
-        return grad[:, :, ctx.start :].to(ctx.device, ctx.dtype), None, None, None, None
+        past = ctx.start - ctx.first
+        if past > 0:
+            ctx.grads.accumulate(ctx.slot, grad[:, :, :past], first=ctx.first)
+        return grad[:, :, past:].to(ctx.device, ctx.dtype), None, None, None, None, None
 
 
 class ChunkLayer(CacheLayerMixin):
@@ -98,10 +100,13 @@ class ChunkLayer(CacheLayerMixin):
         self.next_layer: ChunkLayer | None = None  # offload: whose first block to prefetch
         self.stored: list[torch.Tensor] = []  # [keys, values], each [B, H_kv, T, D], time-major
         self.gradients: list[torch.Tensor | None] = [None, None]  # allocated when a gradient first arrives
-        # Tokens [0, summed) of each gradient buffer hold a sum; the rest is unwritten memory. Stage 2
-        # runs from the last chunk back, so the first gradient to arrive covers every later one.
-        self.summed = [0, 0]
+        # Tokens [lo, hi) of each gradient buffer hold a sum (None: nothing arrived); the rest is unwritten
+        # memory. Stage 2 runs from the last chunk back, so the first gradient to arrive covers every later
+        # one, except in a packed row, where an earlier chunk's past may start earlier (then the buffer is
+        # extended down, zero-filled where no gradient arrived).
+        self.summed: list[tuple[int, int] | None] = [None, None]
         self.past_length = 0
+        self.past_first = 0  # a packed row: the first key the chunk may read
         self.record = True
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -119,30 +124,48 @@ class ChunkLayer(CacheLayerMixin):
         # Pinned host memory makes the host<->device copies asynchronous.
         return {"device": "cpu", "pin_memory": states.is_cuda} if self.offload else {"device": states.device}
 
-    def gradient_buffer(self, slot: int) -> tuple[torch.Tensor, int]:
-        """The gradient buffer of keys (slot 0) or values (slot 1), allocated once per step, and how many
-        of its first tokens hold a sum."""
+    def gradient_buffer(self, slot: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """The gradient buffer of keys (slot 0) or values (slot 1), allocated once per step, and the tokens
+        `[lo, hi)` that hold a sum (None if none does)."""
         if self.gradients[slot] is None:
             stored = self.stored[slot]
             home = {"device": "cpu", "pin_memory": self.device.type == "cuda"} if self.offload else {"device": stored.device}
             self.gradients[slot] = time_major(*stored.shape, dtype=stored.dtype, **home)
         return self.gradients[slot], self.summed[slot]
 
-    def mark_summed(self, slot: int, length: int) -> None:
-        self.summed[slot] = max(self.summed[slot], length)
+    def mark_summed(self, slot: int, lo: int, hi: int) -> None:
+        """Tokens `[lo, hi)` of the slot's buffer now hold a sum (the region is one interval: see `cover`)."""
+        region = self.summed[slot]
+        self.summed[slot] = (lo, hi) if region is None else (min(lo, region[0]), max(hi, region[1]))
 
-    def accumulate(self, slot: int, gradient: torch.Tensor) -> None:
-        """Add a gradient for the first `gradient.shape[-2]` tokens of keys (slot 0) or values (slot 1)."""
+    def cover(self, slot: int, lo: int, hi: int) -> bool:
+        """Make the summed region include `[lo, hi)`, zero-filling what no gradient reached; False if nothing had
+        arrived (then the caller writes `[lo, hi)` instead of adding into it)."""
+        region = self.summed[slot]
+        if region is None:
+            return False
         if self.streamer is not None:
             self.streamer.synchronize()  # the host is about to touch buffers the side stream may be writing
-        buffer, summed = self.gradient_buffer(slot)
-        length = gradient.shape[-2]
-        gradient = gradient.to(buffer.device)
-        if summed:
-            buffer[:, :, : min(summed, length)] += gradient[:, :, :summed]
-        if length > summed:
-            buffer[:, :, summed:length] = gradient[:, :, summed:]
-        self.mark_summed(slot, length)
+        buffer = self.gradient_buffer(slot)[0]
+        if lo < region[0]:
+            buffer[:, :, lo : region[0]] = 0
+        if hi > region[1]:
+            buffer[:, :, region[1] : hi] = 0
+        self.mark_summed(slot, lo, hi)
+        return True
+
+    def accumulate(self, slot: int, gradient: torch.Tensor, *, first: int = 0) -> None:
+        """Add a gradient for tokens `[first, first + gradient.shape[-2])` of keys (slot 0) or values (slot 1)."""
+        end = first + gradient.shape[-2]
+        if self.cover(slot, first, end):
+            buffer = self.gradient_buffer(slot)[0]
+            buffer[:, :, first:end] += gradient.to(buffer.device)
+            return
+        if self.streamer is not None:
+            self.streamer.synchronize()
+        buffer = self.gradient_buffer(slot)[0]
+        buffer[:, :, first:end] = gradient
+        self.mark_summed(slot, first, end)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Take this chunk's keys/values `[B, H_kv, c, D]`; return views of past + new, `[B, H_kv, S_past + c, D]`."""
@@ -155,11 +178,11 @@ class ChunkLayer(CacheLayerMixin):
             with torch.no_grad():  # stage 1: plain writes; the slots are what stage 2 rebuilds on
                 for buffer, states in zip(self.stored, (key_states, value_states)):
                     buffer[:, :, start:end] = states
-            keys, values = self.stored[0][:, :, :end], self.stored[1][:, :, :end]
+            keys, values = self.stored[0][:, :, self.past_first : end], self.stored[1][:, :, self.past_first : end]
         else:
             self.fresh = (key_states, value_states)
-            keys = _PastAndChunk.apply(key_states, self.stored[0], self, 0, start)
-            values = _PastAndChunk.apply(value_states, self.stored[1], self, 1, start)
+            keys = _PastAndChunk.apply(key_states, self.stored[0], self, 0, start, self.past_first)
+            values = _PastAndChunk.apply(value_states, self.stored[1], self, 1, start, self.past_first)
         if self.offload:
             self._hand_over(keys, values, key_states, value_states)
         return keys, values
@@ -176,6 +199,7 @@ class ChunkLayer(CacheLayerMixin):
             sink=None if self.record else self,
             streamer=self.streamer,
             next_layer=tuple(following.stored) if following is not None and following.is_initialized else None,
+            first=self.past_first,
         ))
 
     def relay(self, start: int, end: int) -> list[torch.Tensor | None]:
@@ -188,13 +212,15 @@ class ChunkLayer(CacheLayerMixin):
             self.streamer.order_after_copies()  # gradient blocks may still be on their way to the host
         relayed = []
         for g, summed, dtype in zip(self.gradients, self.summed, self.state_dtypes):
-            if g is None:
+            lo, hi = (0, 0) if summed is None else (max(start, summed[0]), min(end, summed[1]))
+            if g is None or lo >= hi:  # no later chunk read these tokens (or none sent a gradient)
                 relayed.append(None)
                 continue
-            part = g[:, :, start : max(start, min(end, summed))].to(self.device, dtype, non_blocking=g.is_pinned())
-            if part.shape[-2] < end - start:  # tokens no later chunk sent a gradient to: zero
-                zeros = part.new_zeros(*part.shape[:2], end - start - part.shape[-2], part.shape[-1])
-                part = torch.cat([part, zeros], dim=2)
+            part = g[:, :, lo:hi].to(self.device, dtype, non_blocking=g.is_pinned())
+            if hi - lo < end - start:  # tokens no later chunk sent a gradient to: zero
+                shape = part.shape[:2]
+                part = torch.cat([part.new_zeros(*shape, lo - start, part.shape[-1]), part,
+                                  part.new_zeros(*shape, end - hi, part.shape[-1])], dim=2)
             relayed.append(part)
         return relayed
 
@@ -204,12 +230,13 @@ class ChunkLayer(CacheLayerMixin):
             self.streamer.order_after_copies()
         out = torch.zeros(self.total_length, dtype=torch.float64)
         for g, summed in zip(self.gradients, self.summed):
-            if g is not None and summed:
-                out[:summed] += torch.linalg.vector_norm(g[:, :, :summed], dim=(0, 1, 3)).double().cpu().square()
+            if g is not None and summed is not None:
+                lo, hi = summed
+                out[lo:hi] += torch.linalg.vector_norm(g[:, :, lo:hi], dim=(0, 1, 3)).double().cpu().square()
         return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.past_length + query_length, 0
+        return self.past_length - self.past_first + query_length, self.past_first
 
     def get_seq_length(self) -> int:
         return self.past_length
@@ -235,29 +262,34 @@ class ChunkCache(Cache):
         self._freed: set[int] = set()
         self._streamer: BlockStreamer | None = None  # offload: created with the first layer (its device)
         # (number of past chunks, their total length, record?) for the next forward; see prepare().
-        self._mode: tuple[int, int, bool] = (0, 0, True)
+        self._mode: tuple[int, int, bool, int] = (0, 0, True, 0)
 
     # ----- set-up before each forward -----------------------------------------------------------
 
-    def prepare(self, *, num_past: int, record: bool) -> None:
-        """Make the next forward see the first `num_past` chunks as its past.
+    def prepare(self, *, num_past: int, record: bool, first: int = 0) -> None:
+        """Make the next forward see the first `num_past` chunks as its past, from token `first` on.
 
         Args:
             num_past: how many stored chunks precede the chunk about to run.
             record: True in stage 1 (store the new KV as chunk `num_past`), False in stage 2 (keep the
                 new KV attached to the graph, see `fresh_kv`).
+            first: the first key the chunk may read (a packed row, `chunkwise.core.documents`): attention gets
+                keys `[first, end)`, and no gradient is relayed to the tokens before it.
         """
         if record and num_past != self.num_chunks:
             raise RuntimeError(f"stage 1 records chunks in order: expected chunk {self.num_chunks}, got {num_past}")
-        if any(chunk < num_past for chunk in self._freed):
+        if any(chunk < num_past and self._bounds(chunk)[1] > first for chunk in self._freed):
             raise RuntimeError("a chunk was freed while a later chunk still needs it as its past")
-        self._mode = (num_past, sum(self._chunk_lengths[:num_past]), record)
+        past_length = sum(self._chunk_lengths[:num_past])
+        if not 0 <= first <= past_length:
+            raise RuntimeError(f"the first key {first} lies outside the past [0, {past_length}]")
+        self._mode = (num_past, past_length, record, first)
         for layer in self.layers:
             self._configure(layer)
 
     def _configure(self, layer: ChunkLayer) -> None:
-        _, past_length, record = self._mode
-        layer.record, layer.fresh, layer.past_length = record, None, past_length
+        _, past_length, record, first = self._mode
+        layer.record, layer.fresh, layer.past_length, layer.past_first = record, None, past_length, first
 
     def commit(self, chunk_length: int) -> None:
         """Note the length of the chunk stage 1 just recorded (call after its forward)."""

@@ -29,6 +29,7 @@ import torch
 from chunkwise.attention.chunk import ATTENTION_CHOICES, chunk_attention
 from chunkwise.core.batch import ChunkedBatch, check_chunk_size, chunk_batch
 from chunkwise.core.cache import ChunkCache
+from chunkwise.core.documents import check_mask_support
 from chunkwise.core.gradient_guard import check_gradient_moved, starts_at_zero, trainable_gradients
 from chunkwise.core.handle import CausalLMHandle, inspect_causal_lm
 from chunkwise.core.objectives import BoundCrossEntropy, BoundObjective, CrossEntropy, Objective, Policy
@@ -84,11 +85,23 @@ def _restore_rng(state: tuple, devices: list[torch.device]) -> None:
 # ----- the two stages --------------------------------------------------------------------------------
 
 
+def _prepare(cache: ChunkCache, batch: ChunkedBatch, chunk: int, *, record: bool) -> None:
+    """Set the cache up for `chunk`: its past is the chunks before it, from the first key its queries may read."""
+    cache.prepare(num_past=chunk, record=record, first=batch.first_key(chunk))
+
+
 def _chunk_inputs(batch: ChunkedBatch, chunk: int, handle: CausalLMHandle, cache: ChunkCache) -> dict:
-    """Keyword arguments of the model call for one chunk: its tokens, positions s..e-1, mask [0, e)."""
+    """Keyword arguments of the model call for one chunk: its tokens, positions (s..e-1 or the caller's), its mask:
+    the padding mask [0, e), or for a packed row the per-document mask over keys [first, e)."""
     start, end = batch.bounds[chunk]
-    position_ids = torch.arange(start, end, device=batch.targets.device).unsqueeze(0)
-    mask = None if batch.attention_mask is None else batch.attention_mask[:, :end]
+    if batch.position_ids is None:
+        position_ids = torch.arange(start, end, device=batch.targets.device).unsqueeze(0)
+    else:
+        position_ids = batch.position_ids[..., start:end]
+    if batch.documents is not None:
+        mask = batch.documents.model_mask(handle.decoder.config, start, end, batch.first_key(chunk))
+    else:
+        mask = None if batch.attention_mask is None else batch.attention_mask[:, :end]
     tokens = (
         {"input_ids": batch.input_ids[:, start:end]}
         if batch.inputs_embeds is None
@@ -123,13 +136,15 @@ def forward_checkpoints(
     objective = BoundCrossEntropy(batch) if objective is None else objective
     sync = sync or GradientSync(handle)
     rng_states, reported = [], {}
-    last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
         head = chunk in report_only or objective.needs_stage_1_logits
-        if chunk == last and not head:
-            break
         rng_states.append(_capture_rng(devices))
-        cache.prepare(num_past=chunk, record=True)
+        if not head and not batch.kv_is_read(chunk):
+            # No later chunk reads this chunk's KV (the last chunk; in a packed row, one whose documents all end
+            # in it): stage 1 has nothing to store.
+            cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
+            continue
+        _prepare(cache, batch, chunk, record=True)
         inputs = _chunk_inputs(batch, chunk, handle, cache)
         if head:
             logits = sync.lm(reduce=False)(**inputs).logits
@@ -174,7 +189,7 @@ def backward_chunk(
     if not batch.chunk_has_targets[chunk] and not has_relay and not reduce and not sync.lockstep:
         return None  # nothing flows through this chunk: no target, and no later chunk read its KV
 
-    cache.prepare(num_past=chunk, record=False)
+    _prepare(cache, batch, chunk, record=False)
     inputs = _chunk_inputs(batch, chunk, handle, cache)
     with torch.enable_grad():
         loss = None
@@ -204,7 +219,7 @@ def backward_chunk(
 def score_chunk(handle: CausalLMHandle, batch: ChunkedBatch, cache: ChunkCache, chunk: int, *, sync: GradientSync,
                 objective: BoundObjective) -> torch.Tensor:
     """The loss of a chunk that stage 2 skips and stage 1 did not run with the head: a forward on its past."""
-    cache.prepare(num_past=chunk, record=False)
+    _prepare(cache, batch, chunk, record=False)
     return objective.chunk_loss(chunk, sync.lm(reduce=False)(**_chunk_inputs(batch, chunk, handle, cache)).logits)
 
 
@@ -254,7 +269,8 @@ class SeCO:
             )
 
     def backward(
-        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None, objective: Objective | None = None
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, position_ids=None, num_items=None,
+        objective: Objective | None = None,
     ) -> ChunkwiseOutput:
         """Accumulate the gradient of the batch's loss into the trainable parameters' `.grad`.
 
@@ -270,13 +286,19 @@ class SeCO:
             labels: `[B, T]` labels aligned with `input_ids` (shifted inside, once over the whole
                 sequence); -100 is ignored. Default: `input_ids`, with padded positions ignored.
             attention_mask: `[B, T]`, 1 for tokens and 0 for right padding.
+            position_ids: `[B, T]` integer positions, for packed rows (`DataCollatorWithFlattening`, TRL's
+                padding-free packing): where a position does not continue the previous one by +1 (it must then
+                be 0) a new document begins; each document attends only to itself (a sliding window too), and
+                its last token predicts nothing. M-RoPE models (Qwen2-VL): `[3, B, T]`, documents found from the
+                first (temporal) row. Default: `0..T-1` in every row. Packed rows need a model using 'sdpa' or
+                'eager' attention.
             num_items: divide the summed token loss by this instead of the batch's valid-target count
                 (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
                 With an objective: its normaliser in the objective's unit (tokens, sequences, pairs).
             objective: what to train on (default `CrossEntropy()`); checked against the batch before
                 any model call.
         """
-        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
+        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items, position_ids)
         bound = self._bind(objective, batch, num_items)
         return self._run(batch, FixedPlan(select_all(batch.num_chunks)), bound, inputs_embeds)
 
@@ -286,7 +308,7 @@ class SeCO:
             raise TypeError(f"objective must be a chunkwise.objectives.Objective (CrossEntropy, DPO, GRPO, ...), got {type(objective).__name__}")
         return objective.bind(batch, num_items=num_items, policy=Policy(self.model, self.handle, self.chunk_size))
 
-    def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items) -> ChunkedBatch:
+    def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items, position_ids=None) -> ChunkedBatch:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameters (every requires_grad is False); nothing to train")
         if any(getattr(module, "gradient_checkpointing", False) for module in self.handle.lm.modules()):
@@ -300,17 +322,23 @@ class SeCO:
                 f"arguments{kbit}."
             )
         device = self.handle.lm.get_input_embeddings().weight.device
-        return chunk_batch(
+        config = self.handle.decoder.config
+        batch = chunk_batch(
             input_ids,
             inputs_embeds=inputs_embeds,
             labels=labels,
             attention_mask=attention_mask,
             num_items=num_items,
+            position_ids=position_ids,
             chunk_size=self.chunk_size,
             vocab_size=self.handle.vocab_size,
             hidden_size=self.handle.hidden_size,
             device=device,
+            max_positions=getattr(config, "max_position_embeddings", None),
         )
+        if batch.documents is not None:  # the engine builds the per-document masks: in a format the model reads
+            check_mask_support(getattr(config, "_attn_implementation", None))
+        return batch
 
     def _run(self, batch: ChunkedBatch, plan: StepPlan, objective: BoundObjective, inputs_embeds=None, *, full_loss: bool = True) -> ChunkwiseOutput:
         self.sync.check_lockstep(batch.num_chunks)
@@ -462,14 +490,15 @@ class SpaCO(SeCO):
         self.full_loss = full_loss
 
     def backward(
-        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, num_items=None, objective: Objective | None = None
+        self, input_ids=None, *, inputs_embeds=None, labels=None, attention_mask=None, position_ids=None, num_items=None,
+        objective: Objective | None = None,
     ) -> ChunkwiseOutput:
         """Like `SeCO.backward`, with the gradient estimated from the sampled chunks; see `out.selected`.
 
         With a sequence-level objective stage 1 runs the LM head on every chunk (its loss is exact); the
         sampled chunks' part of the gradient is compensated as for token losses (`chunkwise.objectives`).
         """
-        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items)
+        batch = self._chunk(input_ids, inputs_embeds, labels, attention_mask, num_items, position_ids)
         bound = self._bind(objective, batch, num_items)
         return self._run(batch, self.sampler.plan(batch.num_chunks), bound, inputs_embeds, full_loss=self.full_loss)
 
