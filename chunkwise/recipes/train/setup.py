@@ -19,7 +19,7 @@ from chunkwise.core.config import ChunkwiseConfig
 from chunkwise.core.objectives import OBJECTIVES, Objective
 from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
 from chunkwise.data.preferences import read_preference_pairs
-from chunkwise.data.sequences import pad_token_id, read_sequences
+from chunkwise.data.sequences import canonical_packing, pad_token_id, read_sequences
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.loading import add_lora, check_position_limit, load_causal_lm, load_model_config, load_tokenizer
 from chunkwise.plan import PlanError, describe_parts, plan_training_step
@@ -67,6 +67,8 @@ def start_run_directory(config: TrainConfig) -> Path:
 def check_resume_settings(config: TrainConfig, output: Path, log) -> None:
     """A resumed run must use the settings it started with (except the few in RESUMABLE_CHANGES)."""
     saved = read_run_settings(output)
+    if saved.get("packing") is not None:  # a run started before `pack` became `concat` resumes as it trained
+        saved = {**saved, "packing": canonical_packing(saved["packing"])}
     current = dataclasses.asdict(config)
     changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
     if changed:
