@@ -96,7 +96,7 @@ def bench_settings(options: dict, *, quick: bool = False):
         "dtype": options["dtype"] if options["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"),
         "model": options["model"] or ("quick" if quick else DEFAULT_MODEL),
         "methods": parse_list(options["methods"], "--methods"),
-        "lengths": parse_list(options["lengths"] or ("256,512,1024" if quick else "1024,2048,4096"), "--lengths", int),
+        "lengths": _bench_lengths(options, quick),
         "chunk_size": options["chunk_size"] or (64 if quick else 512),
         "repeats": options["repeats"] or (2 if quick else 3),
         "warmup": 1 if options["warmup"] is None else options["warmup"],
@@ -107,6 +107,17 @@ def bench_settings(options: dict, *, quick: bool = False):
         "threads": options["threads"] or (1 if quick else None),
     }
     return BenchSettings(**{field.name: values[field.name] for field in dataclasses.fields(BenchSettings) if field.name in values})
+
+
+def _bench_lengths(options: dict, quick: bool) -> tuple[int, ...]:
+    """--lengths, else the packed row's length with --documents, else the default grid."""
+    documents = options.get("documents")
+    if options["lengths"] is None and documents is not None:
+        return (sum(documents),)
+    lengths = parse_list(options["lengths"] or ("256,512,1024" if quick else "1024,2048,4096"), "--lengths", int)
+    if documents is not None and set(lengths) != {sum(documents)}:
+        raise UsageError(f"--documents make a row of {sum(documents)} tokens; leave out --lengths or give that length")
+    return lengths
 
 
 def bench(settings, *, output: str) -> int:

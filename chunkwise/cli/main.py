@@ -108,7 +108,7 @@ def _add_bench(subparsers, shared: dict) -> None:
         help="measure step time and peak memory of forward, full, ckpt, seco and spaco",
         description="Measure each (method, sequence length) case in a fresh process: median step time and "
         "peak memory above the loaded model. Writes bench.md (table), bench.json (raw numbers, machine) "
-        "and bench.png (plots) to --output and prints the table. Models: quick, llama-56m (default), "
+        "and bench.png (plots) to --output and prints the table. Models: quick, quick-wide, llama-56m (default), "
         "llama-1b, llama-8b (random weights from Llama configs), a tiny preset, or a local directory.",
         parents=[shared["device"], shared["seed"], shared["batch"], shared["attention"]],
     )
