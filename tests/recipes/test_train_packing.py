@@ -114,3 +114,15 @@ def test_held_out_documents_are_scored_one_piece_per_row(tmp_path, model_dir, do
     packed_targets = sum(sum(label != -100 for label in row.labels[1:]) for row in training_sequences(config, word_tokenizer()))
     held_out_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in held_out.batches)
     assert held_out_targets == packed_targets
+
+
+def test_lockstep_padding_continues_the_positions():
+    """ZeRO-3 pads every micro-batch to --seq-len (`_pad_to`): packed positions go on counting, as `collate` pads them."""
+    from chunkwise.recipes.train.step import _pad_to
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 6, -100]]), "position_ids": torch.tensor([[0, 1, 0]])}
+    padded = _pad_to(batch, 6, pad=0)
+    assert torch.equal(padded["position_ids"], torch.tensor([[0, 1, 0, 1, 2, 3]]))
+    assert torch.equal(padded["attention_mask"], torch.tensor([[1, 1, 1, 0, 0, 0]]))
+    assert torch.equal(padded["labels"], torch.tensor([[-100, 6, -100, -100, -100, -100]]))
