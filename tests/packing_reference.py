@@ -41,18 +41,20 @@ def documents_of(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def per_document_backward(model, input_ids, position_ids, *, labels=None, num_items=None):
+def per_document_backward(model, input_ids, position_ids, *, labels=None, num_items=None, model_position_ids=None):
     """Each document alone through one full forward, token losses summed, one global normaliser; one backward.
 
-    Returns (loss, grads), gradients zeroed first. `labels` default to `input_ids`."""
+    Returns (loss, grads), gradients zeroed first. `labels` default to `input_ids`. `model_position_ids`: M-RoPE
+    positions `[3, B, T]` to give the model (each document gets its slice); default: none (0..n-1)."""
     model.zero_grad(set_to_none=True)
     labels = input_ids if labels is None else labels
     pieces = []
     for row, spans in enumerate(documents_of(position_ids)):
         for start, end in spans:
-            pieces.append((input_ids[row : row + 1, start:end], shift_labels(labels[row : row + 1, start:end])))
+            extra = {} if model_position_ids is None else {"position_ids": model_position_ids[:, row : row + 1, start:end]}
+            pieces.append(({"input_ids": input_ids[row : row + 1, start:end], **extra}, shift_labels(labels[row : row + 1, start:end])))
     count = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in pieces)
     normaliser = num_items if num_items is not None else count
-    total = sum(chunk_loss_sum(model(input_ids=ids).logits, targets) for ids, targets in pieces) / normaliser
+    total = sum(chunk_loss_sum(model(**inputs).logits, targets) for inputs, targets in pieces) / normaliser
     total.backward()
     return total.detach(), trainable_grads(model)

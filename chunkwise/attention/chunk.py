@@ -36,7 +36,8 @@ Two implementations of the same function:
 The engine switches a model whose attention is "sdpa" to it for the duration of a step
 (`chunk_attention`). It takes the case it was written for, exactly: a causal layer, no dropout, no
 soft-capping, sinks or position bias, and a mask that is the plain causal one (no padding, no sliding
-window shorter than the keys). Anything else goes to transformers' SDPA attention unchanged.
+window shorter than the keys) or a packed row's per-document mask the engine built and registered (run one
+document at a time, `chunkwise.attention.documents`). Anything else goes to transformers' SDPA attention unchanged.
 """
 
 from __future__ import annotations

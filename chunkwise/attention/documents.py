@@ -63,10 +63,16 @@ def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """
     past = segments.past
     rows = []
-    for row, runs in enumerate(segments.rows):
-        parts = [
-            attend(query[row : row + 1, :, q0:q1], key[row : row + 1, :, k0 : past + q1], value[row : row + 1, :, k0 : past + q1], row, k0)
-            for q0, q1, k0 in runs
-        ]
+    # Slices' backward allocates a zero gradient of the whole sliced tensor; splits' backward one for all pieces.
+    # So each row's tensors are split, its first run's keys sliced, the other runs' (the chunk's own keys after
+    # the first run) split: two key-sized gradients per row, whatever the number of documents.
+    for row, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+        (_, first_end, first_key), *others = segments.rows[row]
+        parts = [attend(q[:, :, :first_end], k[:, :, first_key : past + first_end], v[:, :, first_key : past + first_end], row, first_key)]
+        if others:
+            sizes = [q1 - q0 for q0, q1, _ in others]
+            pieces = zip(q[:, :, first_end:].split(sizes, dim=2), k[:, :, past + first_end :].split(sizes, dim=2),
+                         v[:, :, past + first_end :].split(sizes, dim=2), others)
+            parts += [attend(q_run, k_run, v_run, row, k0) for q_run, k_run, v_run, (_, _, k0) in pieces]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)

@@ -29,7 +29,7 @@ class ChunkedBatch:
         num_targets: number of valid (non -100) targets in the batch.
         bounds: `[(start, end), ...]` token ranges of the chunks; the last one may be shorter.
         chunk_has_targets: for each chunk, whether any of its targets is valid.
-        position_ids: the caller's `[B, T]` positions (`[3, B, T]` for M-RoPE), or None: `0..T-1` in every row.
+        position_ids: the caller's `[B, T]` positions (`[3 or 4, B, T]` for M-RoPE), or None: `0..T-1` in every row.
         documents: a packed batch's document layout (`chunkwise.core.documents`), or None: one document per row.
         first_keys: for each chunk, the first key any of its queries may read (0 without documents).
     """
@@ -96,7 +96,7 @@ def _check_right_padded(mask: torch.Tensor, packed: bool = False) -> None:
         raise ValueError("attention_mask has a row with no real token; drop empty rows from the batch")
 
 
-def _mask_document_ends(targets: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+def mask_document_ends(targets: torch.Tensor, documents: Documents | None) -> torch.Tensor:
     """`targets` `[B, T]` with each document's last token predicting nothing (its next token starts another document)."""
     if documents is None:
         return targets
@@ -138,7 +138,7 @@ def chunk_batch(
     `input_ids`, with padded positions (attention_mask 0) set to -100 so padding is never a target;
     with `inputs_embeds` labels are required. Given labels are used as they are (-100 = ignore).
 
-    `position_ids` `[B, T]` (`[3, B, T]` M-RoPE) are passed to the model as given; where they restart at 0 a
+    `position_ids` `[B, T]` (`[3 or 4, B, T]` M-RoPE) are passed to the model as given; where they restart at 0 a
     new document begins (`chunkwise.core.documents`), and whatever the labels say, the last token of a
     document predicts nothing. `max_positions`: the model's `max_position_embeddings`, if it has one.
     """
@@ -191,7 +191,7 @@ def chunk_batch(
                 f"labels contains {int(labels[out_of_range][0])}: labels must be token ids in [0, {vocab_size}) "
                 f"or {IGNORE_INDEX} (ignored)"
             )
-    targets = _mask_document_ends(shift_labels(labels), documents)
+    targets = mask_document_ends(shift_labels(labels), documents)
     valid = targets != IGNORE_INDEX
     num_targets = int(valid.sum())
 

@@ -96,17 +96,19 @@ def check_mask_support(implementation: str | None) -> None:
 
 
 def _check_position_tensor(position_ids, shape: torch.Size) -> torch.Tensor:
-    """The text positions `[B, T]` of `position_ids` (`[B, T]`, or `[3, B, T]` M-RoPE: its first, temporal, row)."""
+    """The positions `[B, T]` documents are found from: `position_ids` `[B, T]` itself; for M-RoPE (Qwen2-VL,
+    Qwen2.5-VL) `[3, B, T]` (temporal, height, width) its temporal row, which on text tokens is the text position;
+    `[4, B, T]` (transformers' packed layout: text positions, then the three M-RoPE rows) its text row."""
     if not isinstance(position_ids, torch.Tensor):
         raise TypeError(f"position_ids must be a torch.Tensor of shape [batch, seq_len], got {type(position_ids).__name__}")
     if position_ids.dtype == torch.bool or position_ids.is_floating_point() or position_ids.is_complex():
         raise TypeError(f"position_ids must hold integers (torch.long), got dtype {position_ids.dtype}")
     if tuple(position_ids.shape) == tuple(shape):
         return position_ids
-    if position_ids.dim() == 3 and position_ids.shape[0] == 3 and tuple(position_ids.shape[1:]) == tuple(shape):
+    if position_ids.dim() == 3 and position_ids.shape[0] in (3, 4) and tuple(position_ids.shape[1:]) == tuple(shape):
         return position_ids[0]
     raise ValueError(
-        f"position_ids must have the shape of input_ids {tuple(shape)} (or [3, *that] for M-RoPE), got {tuple(position_ids.shape)}"
+        f"position_ids must have the shape of input_ids {tuple(shape)} (or [3 or 4, *that] for M-RoPE), got {tuple(position_ids.shape)}"
     )
 
 
@@ -114,7 +116,7 @@ def find_documents(position_ids, *, shape: torch.Size, attention_mask: torch.Ten
     """Check the caller's `position_ids` and find the documents of each row; None if every row is one document.
 
     Args:
-        position_ids: `[B, T]` integer positions (or `[3, B, T]` for M-RoPE, whose first row is checked).
+        position_ids: `[B, T]` integer positions (or `[3, B, T]` / `[4, B, T]` for M-RoPE, whose first row is checked).
         shape: `(B, T)` of the batch.
         attention_mask: `[B, T]` right padding (already checked), or None; padded tokens' positions are not read.
         max_positions: the model's `max_position_embeddings`, if it has one.

@@ -15,6 +15,11 @@ it and by what factor to scale its loss and relay (a `StepPlan`, see `chunkwise.
 and `bernoulli` drew their answer before stage 1, `adaptive` decides there, from the chunk's targets and
 the relay it received.
 
+Packed rows (`position_ids` restarting at 0, `chunkwise.core.documents`): each document attends to itself only.
+A chunk reads the past from the first key any of its queries may read (`ChunkedBatch.first_key`), so earlier
+chunks are neither computed on nor relayed into; stage 1 skips a chunk whose KV no later chunk reads, and stage 2
+one with no target that no later chunk read (its relay is None).
+
 What a chunk backpropagates is the objective's business (`chunkwise.core.objectives`): next-token cross-entropy by
 default; a sequence-level objective (DPO, ...) also has stage 1 run the LM head on every chunk to
 collect its per-sequence statistics.
@@ -136,12 +141,14 @@ def forward_checkpoints(
     objective = BoundCrossEntropy(batch) if objective is None else objective
     sync = sync or GradientSync(handle)
     rng_states, reported = [], {}
+    last = batch.num_chunks - 1
     for chunk in range(batch.num_chunks):
         head = chunk in report_only or objective.needs_stage_1_logits
         rng_states.append(_capture_rng(devices))
-        if not head and not batch.kv_is_read(chunk):
+        if not head and not batch.kv_is_read(chunk) and (chunk == last or not sync.lockstep):
             # No later chunk reads this chunk's KV (the last chunk; in a packed row, one whose documents all end
-            # in it): stage 1 has nothing to store.
+            # in it): stage 1 has nothing to store. (Under ZeRO-3 every rank runs the same chunks: other ranks'
+            # rows may need theirs.)
             cache.commit(batch.bounds[chunk][1] - batch.bounds[chunk][0])
             continue
         _prepare(cache, batch, chunk, record=True)
@@ -289,8 +296,9 @@ class SeCO:
             position_ids: `[B, T]` integer positions, for packed rows (`DataCollatorWithFlattening`, TRL's
                 padding-free packing): where a position does not continue the previous one by +1 (it must then
                 be 0) a new document begins; each document attends only to itself (a sliding window too), and
-                its last token predicts nothing. M-RoPE models (Qwen2-VL): `[3, B, T]`, documents found from the
-                first (temporal) row. Default: `0..T-1` in every row. Packed rows need a model using 'sdpa' or
+                its last token predicts nothing. M-RoPE models (Qwen2-VL, Qwen2.5-VL): `[3, B, T]` (documents
+                found from the temporal row, which is the text position on text tokens) or transformers' packed
+                `[4, B, T]` (text positions first: documents found from them); passed to the model as given. Default: `0..T-1` in every row. Packed rows need a model using 'sdpa' or
                 'eager' attention.
             num_items: divide the summed token loss by this instead of the batch's valid-target count
                 (what `transformers.Trainer` passes as `num_items_in_batch` for gradient accumulation).
@@ -306,6 +314,11 @@ class SeCO:
         objective = CrossEntropy() if objective is None else objective
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be a chunkwise.objectives.Objective (CrossEntropy, DPO, GRPO, ...), got {type(objective).__name__}")
+        if batch.documents is not None and not isinstance(objective, CrossEntropy):
+            # Sequence and token objectives score rows (per-row statistics, normalisations, reference passes that
+            # know nothing of documents): a packed row would silently be scored as one sequence.
+            raise ValueError(f"packed rows (position_ids restarting at 0) train with CrossEntropy; {type(objective).__name__} "
+                             "scores whole rows: give it one sequence per row")
         return objective.bind(batch, num_items=num_items, policy=Policy(self.model, self.handle, self.chunk_size))
 
     def _chunk(self, input_ids, inputs_embeds, labels, attention_mask, num_items, position_ids=None) -> ChunkedBatch:

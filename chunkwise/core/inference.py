@@ -24,20 +24,26 @@ from dataclasses import dataclass
 import torch
 
 from chunkwise.attention.chunk import chunk_attention
+from chunkwise.core.batch import mask_document_ends
 from chunkwise.core.cache import ChunkCache
+from chunkwise.core.documents import find_documents
 from chunkwise.core.handle import CausalLMHandle
 from chunkwise.core.loss import IGNORE_INDEX, chunk_loss_sum, shift_labels
 from chunkwise.core.quantized import trainable_quantized_layers
 
 
 def forward_chunk(handle: CausalLMHandle, cache: ChunkCache, inputs: dict, *, number: int, start: int,
-                  attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
+                  attention_mask=None, last_logits_only: bool = False, position_ids: torch.Tensor | None = None,
+                  first: int = 0) -> torch.Tensor:
     """Run chunk `number`, tokens [start, start + c), through `cache` (record mode) and store its KV.
 
     Args:
         inputs: `{"input_ids": [B, c]}` or `{"inputs_embeds": [B, c, H]}`.
-        attention_mask: `[B, start + c]` (1 = token, 0 = right padding), or None for no padding.
+        attention_mask: `[B, start + c]` (1 = token, 0 = right padding), or None for no padding; for a packed
+            row, the per-document mask over keys `[first, start + c)` (`Documents.model_mask`).
         last_logits_only: compute the LM head for the chunk's last position only.
+        position_ids: the chunk's `[B, c]` positions (a packed row); default `start..start + c - 1`.
+        first: the first key the chunk may read (a packed row; see `ChunkCache.prepare`).
     Returns:
         logits `[B, c, V]`, or `[B, 1, V]` with `last_logits_only` on a model that takes `logits_to_keep`
         (others return every position's).
@@ -45,13 +51,15 @@ def forward_chunk(handle: CausalLMHandle, cache: ChunkCache, inputs: dict, *, nu
     (name, tokens), = inputs.items()
     end = start + tokens.shape[1]
     keep = {"logits_to_keep": 1} if last_logits_only and _takes_logits_to_keep(handle) else {}
-    cache.prepare(num_past=number, record=True)
+    cache.prepare(num_past=number, record=True, first=first)
+    if position_ids is None:
+        position_ids = torch.arange(start, end, device=tokens.device).unsqueeze(0)
     # No repeated KV heads, no float mask (see chunkwise.attention.chunk); and a quantized base keeps its
     # training layout, though this pass runs without grad (see chunkwise.core.quantized).
     with chunk_attention(handle.decoder.config), trainable_quantized_layers(handle.lm):
         logits = handle.lm(
             **{name: tokens, handle.cache_kwarg: cache},
-            position_ids=torch.arange(start, end, device=tokens.device).unsqueeze(0),
+            position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=True,
             **keep,
@@ -139,25 +147,36 @@ class TokenScores:
         return self.num_correct / self.num_targets if self.num_targets else float("nan")
 
 
-def chunked_logits(handle: CausalLMHandle, inputs: dict, attention_mask: torch.Tensor | None, *, chunk_size: int):
+def chunked_logits(handle: CausalLMHandle, inputs: dict, attention_mask: torch.Tensor | None, *, chunk_size: int,
+                   position_ids: torch.Tensor | None = None):
     """Yield `(start, end, logits [B, c, V])` for chunk after chunk of `inputs` (run without autograd by the caller).
 
     Args:
         inputs: `{"input_ids": [B, T]}` or `{"inputs_embeds": [B, T, H]}`.
         attention_mask: `[B, T]` (1 = token, 0 = right padding), or None.
+        position_ids: `[B, T]` positions of packed rows (restarting at 0 per document, `chunkwise.core.documents`):
+            each document attends to itself only. Default `0..T-1`.
     """
     name, tokens = next(iter(inputs.items()))
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the model's plain causal mask, as the engine does
     seq_len = tokens.shape[1]
+    documents = None
+    if position_ids is not None:
+        documents = find_documents(position_ids, shape=tokens.shape[:2], attention_mask=attention_mask,
+                                   max_positions=getattr(handle.decoder.config, "max_position_embeddings", None))
     # The training cache in record mode: each chunk's KV is written once into a buffer sized for the
     # whole document, and attention reads views (transformers' DynamicCache would re-concatenate the
     # whole past for every chunk).
     cache = ChunkCache(total_length=seq_len)
     for number, start in enumerate(range(0, seq_len, chunk_size)):
         end = min(start + chunk_size, seq_len)
-        logits = forward_chunk(handle, cache, {name: tokens[:, start:end]}, number=number, start=start,
-                               attention_mask=None if attention_mask is None else attention_mask[:, :end])
+        first, mask = 0, None if attention_mask is None else attention_mask[:, :end]
+        if documents is not None:
+            first = documents.first_key(start, end)
+            mask = documents.model_mask(handle.decoder.config, start, end, first)
+        logits = forward_chunk(handle, cache, {name: tokens[:, start:end]}, number=number, start=start, attention_mask=mask,
+                               position_ids=None if position_ids is None else position_ids[..., start:end], first=first)
         yield start, end, logits
 
 
@@ -165,7 +184,12 @@ def _chunks(handle: CausalLMHandle, batch: dict, chunk_size: int):
     """Yield `(logits [B, c, V], targets [B, c])` chunk by chunk, without autograd."""
     name = "input_ids" if "input_ids" in batch else "inputs_embeds"
     targets = shift_labels(batch["labels"])
-    for start, end, logits in chunked_logits(handle, {name: batch[name]}, batch.get("attention_mask"), chunk_size=chunk_size):
+    position_ids = batch.get("position_ids")
+    if position_ids is not None:  # a packed batch: a document's last token predicts nothing, as in training
+        documents = find_documents(position_ids, shape=targets.shape, attention_mask=batch.get("attention_mask"), max_positions=None)
+        targets = mask_document_ends(targets, documents)
+    for start, end, logits in chunked_logits(handle, {name: batch[name]}, batch.get("attention_mask"), chunk_size=chunk_size,
+                                             position_ids=position_ids):
         yield logits, targets[:, start:end]
 
 
@@ -178,7 +202,7 @@ def chunked_loss_sum(handle: CausalLMHandle, batch: dict, *, chunk_size: int) ->
     Args:
         handle: the model, as `inspect_causal_lm` describes it.
         batch: `input_ids` `[B, T]` or `inputs_embeds` `[B, T, H]`, `labels` `[B, T]`, optional
-            `attention_mask` `[B, T]` (1 = token, 0 = right padding).
+            `attention_mask` `[B, T]` (1 = token, 0 = right padding), optional `position_ids` `[B, T]` (packed rows).
     Returns:
         A scalar: the sum of the cross-entropy over the valid targets (float32 for half-precision models).
     """

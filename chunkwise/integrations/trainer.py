@@ -33,7 +33,7 @@ from chunkwise.core.config import ChunkwiseConfig
 from chunkwise.core.engine import ChunkwiseOutput, SeCO
 from chunkwise.core.handle import inspect_causal_lm, unwrap_causal_lm
 from chunkwise.core.inference import chunked_loss_sum
-from chunkwise.core.loss import count_targets
+from chunkwise.core.loss import IGNORE_INDEX, count_targets
 from chunkwise.core.quantized import KBIT_CHECKPOINTING_FIX, is_quantized
 from chunkwise.utils.memory import parse_bytes
 
@@ -204,7 +204,37 @@ def check_training_arguments(args) -> None:
 
 # ----- the step ---------------------------------------------------------------------------------------
 
-ENGINE_KEYS = ("input_ids", "inputs_embeds", "attention_mask")
+ENGINE_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+# What padding-free collators (transformers' DataCollatorWithFlattening, TRL's padding_free) add for varlen kernels:
+# the document boundaries again, which the engine reads from position_ids. Checked against them, then dropped.
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _check_boundaries(inputs: dict, position_ids: torch.Tensor | None) -> None:
+    """The collator's `cu_seq_lens_*` / `max_length_*` / `seq_idx` must describe the documents `position_ids` restart at."""
+    given = [key for key in BOUNDARY_KEYS if inputs.get(key) is not None]
+    if not given:
+        return
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(
+            f"the batch has {given} but {'no position_ids' if position_ids is None else 'position_ids of more than one row'}: "
+            "chunk-wise training reads document boundaries from one flattened row's position_ids (a padding-free collator)"
+        )
+    row = position_ids[0].cpu()
+    starts = torch.nonzero(row == 0).flatten().tolist()
+    starts = starts if starts and starts[0] == 0 else [0, *starts]
+    lengths = torch.tensor([*starts[1:], row.numel()]) - torch.tensor(starts)
+    expected = {"cu_seq_lens_q": [*starts, row.numel()], "max_length_q": int(lengths.max()),
+                "seq_idx": torch.repeat_interleave(torch.arange(len(starts)), lengths).tolist()}
+    expected["cu_seq_lens_k"], expected["max_length_k"] = expected["cu_seq_lens_q"], expected["max_length_q"]
+    for key in given:
+        value = inputs[key]
+        value = value.flatten().tolist() if isinstance(value, torch.Tensor) and value.numel() > 1 else int(value)
+        if value != expected[key]:
+            raise ValueError(
+                f"the batch's {key} does not match the documents its position_ids restart at ({key} should be "
+                f"{expected[key]}, got {value}); build them from the same documents, or leave them out"
+            )
 
 
 def _engine_inputs(inputs: dict, label_name: str) -> dict:
@@ -212,27 +242,32 @@ def _engine_inputs(inputs: dict, label_name: str) -> dict:
 
     Args:
         inputs: the collated batch: `input_ids` `[B, T]` (or `inputs_embeds` `[B, T, H]`), optional
-            `attention_mask` `[B, T]` and labels `[B, T]` under `label_name`.
+            `attention_mask` `[B, T]`, labels `[B, T]` under `label_name`, and for packed / padding-free
+            batches `position_ids` `[B, T]` (restarting at 0 where a document begins) with, optionally, the
+            varlen keys `cu_seq_lens_q/k`, `max_length_q/k`, `seq_idx` (checked against `position_ids`, then
+            dropped: the engine finds the documents from `position_ids`).
     Returns:
-        `input_ids`/`inputs_embeds`, `attention_mask`, `labels` (`[B, T]`; when the batch has none, the
-        input ids with padded positions set to -100, as the engine would default them, so the number of
-        valid targets can be counted from them).
+        `input_ids`/`inputs_embeds`, `attention_mask`, `position_ids`, `labels` (`[B, T]`; when the batch has
+        none, the input ids with padded positions and each document's first token set to -100, so the number
+        of valid targets can be counted from them).
     Raises:
-        ValueError: for any other key (packed batches' `position_ids`, `token_type_ids`, ...), which chunk-wise
-            training cannot pass on and must not silently drop.
+        ValueError: for any other key (`token_type_ids`, ...), which chunk-wise training cannot pass on and
+            must not silently drop; for varlen keys that disagree with `position_ids`.
     """
-    unknown = sorted(set(inputs) - {*ENGINE_KEYS, label_name})
+    unknown = sorted(set(inputs) - {*ENGINE_KEYS, *BOUNDARY_KEYS, label_name})
     if unknown:
         raise ValueError(
             f"the batch has keys chunk-wise training cannot use: {unknown}. It takes input_ids (or inputs_embeds), "
-            f"attention_mask (right padding) and {label_name!r}; packed / padding-free batches (position_ids, "
-            "cu_seq_lens) are not supported. Remove these columns in the collator, or override "
-            "ChunkwiseTrainerMixin.chunkwise_inputs to map them."
+            f"attention_mask (right padding), position_ids (packed rows) and {label_name!r}. Remove these columns in "
+            "the collator, or override ChunkwiseTrainerMixin.chunkwise_inputs to map them."
         )
+    _check_boundaries(inputs, inputs.get("position_ids"))
     batch = {key: inputs[key] for key in ENGINE_KEYS if inputs.get(key) is not None}
     labels = inputs.get(label_name)
     if labels is None and "input_ids" in batch:
         labels = default_labels(batch["input_ids"], batch.get("attention_mask"))
+        if "position_ids" in batch and batch["position_ids"].shape == labels.shape:
+            labels = labels.masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)  # a document's first token is no target
     if labels is None:
         raise ValueError(f"the batch has inputs_embeds but no {label_name!r}: labels are required with embeddings")
     batch["labels"] = labels
@@ -254,9 +289,11 @@ class ChunkwiseTrainerMixin:
       subclass's `compute_loss` is not called during training (its metrics, e.g. TRL's token accuracy, are
       not logged) and a custom loss cannot be used: the loss is the token cross-entropy (TRL's DPO and GRPO
       trainers have their own mixins in `chunkwise.trl_trainers`).
-    * The batch may hold only `input_ids` (or `inputs_embeds`), `attention_mask` (right padding) and the
-      labels; packed / padding-free collators (`position_ids`) are refused. Override `chunkwise_inputs` to
-      adapt another batch layout.
+    * The batch may hold only `input_ids` (or `inputs_embeds`), `attention_mask` (right padding), the labels
+      and, from packed / padding-free collators (transformers' `DataCollatorWithFlattening`, TRL's
+      `padding_free` / `packing=True`), `position_ids` (each document attends to itself only) and the varlen
+      keys (`cu_seq_lens_*`, `max_length_*`, `seq_idx`), which must agree with `position_ids`. Override
+      `chunkwise_inputs` to adapt another batch layout.
     * TRL's SFTConfig turns gradient checkpointing on by default: pass `gradient_checkpointing=False`.
 
     Args:

@@ -70,11 +70,11 @@ def test_seco_equals_each_document_alone(preset, lora):
 def test_more_layouts(layout):
     model = build_tiny_model("tiny-mistral", dtype=torch.float64)
     ids, positions = packed_rows(layout, seed=2)
-    ref_loss, ref_grads = per_document_backward(model, ids, positions)
-    if ref_loss.item() == 0:  # one-token documents: nothing to predict, nothing moves
+    if max(layout[0]) == 1:  # one-token documents only: nothing to predict, nothing moves
         out, grads = engine_backward(model, SeCO(model, chunk_size=CHUNK), ids, position_ids=positions)
-        assert out.num_targets == 0 and all(g.abs().max() == 0 for g in grads.values())
+        assert out.num_targets == 0 and out.loss.item() == 0 and all(g.abs().max() == 0 for g in grads.values())
         return
+    ref_loss, ref_grads = per_document_backward(model, ids, positions)
     out, grads = engine_backward(model, SeCO(model, chunk_size=CHUNK), ids, position_ids=positions)
     assert_close_to(out, grads, ref_loss, ref_grads, F64_TOL)
 
@@ -88,7 +88,7 @@ def test_the_documents_matter():
     assert max_relative_error(as_one, ref_grads) > 1e-2
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_spaco_with_full_budget_and_offload_are_seco_bit_for_bit(preset):
     model = build_tiny_model(preset, dtype=torch.float64)
     for layouts in (LAYOUTS, LAYOUTS[:1]):  # an offloaded single row streams its past; two rows move it
@@ -148,3 +148,43 @@ def test_keys_start_at_the_first_readable_key(monkeypatch):
     engine_backward(model, SeCO(model, chunk_size=CHUNK), ids, position_ids=positions)
     first = {5: 0, 10: 0, 15: 8, 20: 8, 25: 20, 29: 25}  # chunk end -> first key its queries may read
     assert lengths and all(keys == end - first[end] for end, keys in lengths)
+
+
+def tiny_qwen2_vl():
+    """A tiny float64 Qwen2-VL (M-RoPE sections 2/3/3 of the 8 rotary frequencies), fed text-only rows."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, spatial_merge_size=1, temporal_patch_size=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision))
+    return model.to(torch.float64)
+
+
+@pytest.mark.parametrize("rows", [3, 4], ids=["3-d", "4-d-text-first"])
+def test_mrope_positions_are_passed_through(rows):
+    """M-RoPE `[3, B, T]` ids (and transformers' packed `[4, B, T]`, text positions first) reach the model as given:
+    height and width rows that are not the temporal one plus a constant (rotary embeddings see only differences), so
+    a dropped or replaced row would change the gradient."""
+    model = tiny_qwen2_vl()
+    ids, positions = packed_rows(LAYOUTS, seed=5)
+    mrope = torch.stack([positions, positions // 2, 2 * positions])  # [3, B, T]
+    given = mrope if rows == 3 else torch.cat([positions[None], mrope])
+    ref_loss, ref_grads = per_document_backward(model, ids, positions, model_position_ids=mrope)
+    out, grads = engine_backward(model, SeCO(model, chunk_size=CHUNK), ids, position_ids=given)
+    assert_close_to(out, grads, ref_loss, ref_grads, F64_TOL)
+    _, plain = per_document_backward(model, ids, positions)
+    assert max_relative_error(plain, ref_grads) > 1e-3
+
+
+def test_eager_attention_gets_an_additive_mask():
+    """A model using eager attention reads the engine's per-document mask as an additive one (0 / float32 minimum)."""
+    model = build_tiny_model("tiny-mistral", dtype=torch.float64)
+    model.set_attn_implementation("eager")
+    ids, positions = packed_rows(LAYOUTS, seed=6)
+    ref_loss, ref_grads = per_document_backward(model, ids, positions)
+    out, grads = engine_backward(model, SeCO(model, chunk_size=CHUNK, attention="model"), ids, position_ids=positions)
+    assert_close_to(out, grads, ref_loss, ref_grads, F64_TOL)

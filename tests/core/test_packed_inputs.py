@@ -79,3 +79,12 @@ def test_right_padding_with_packing_is_fine(model, engine):
     unpadded = engine.backward(IDS[:, :10], position_ids=POSITIONS[:, :10])
     assert out.num_targets == unpadded.num_targets == 8
     torch.testing.assert_close(out.loss, unpadded.loss, rtol=1e-12, atol=0)
+
+
+def test_objectives_that_score_rows_are_refused(model, engine):
+    from chunkwise.objectives import DPO
+
+    ids, positions = packed_rows([[6, 4, 2], [3, 9]], seed=0)
+    with pytest.raises(ValueError, match="packed rows .* train with CrossEntropy; DPO scores whole rows"):
+        engine.backward(ids, position_ids=positions, objective=DPO(beta=0.1, reference=torch.zeros(2, dtype=torch.float64)))
+    assert all(p.grad is None for p in model.parameters())
