@@ -105,15 +105,27 @@ def test_bad_packing_is_refused_in_one_line(tmp_path, model_dir, documents_file,
     assert code == 2 and error == "chunkwise train: error: --packing must be one of documents, concat, truncate, got 'pad'"
 
 
-def test_held_out_documents_are_scored_one_piece_per_row(tmp_path, model_dir, documents_file):
-    """The chunked scorer reads a row as one stream, so held-out pieces get a row each: the targets of the packed rows."""
-    config = settings(tmp_path / "x", model_dir, documents_file).resolved()
+def test_held_out_packed_rows_score_each_document_alone(tmp_path, model_dir, documents_file):
+    """Held-out rows are packed as the training rows are, and scored with their positions: the loss of each
+    document alone (each piece in a row of its own), not of documents reading each other."""
+    from chunkwise.core.handle import inspect_causal_lm
+    from chunkwise.core.inference import score_batches
+    from chunkwise.data.files import load_records
+    from chunkwise.data.sequences import collate, document_pieces, tokenize_records
+    from chunkwise.models.loading import load_causal_lm
+
     held_out = file_held_out(str(documents_file), word_tokenizer(), batch_size=2, seq_len=48, packing="documents", pad_token_id=0)
-    assert all("position_ids" not in batch for batch in held_out.batches)
-    assert held_out.num_sequences == 12  # every document fits a row: one row each
-    packed_targets = sum(sum(label != -100 for label in row.labels[1:]) for row in training_sequences(config, word_tokenizer()))
-    held_out_targets = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in held_out.batches)
-    assert held_out_targets == packed_targets
+    assert all("position_ids" in batch for batch in held_out.batches) and held_out.num_sequences < 12
+    pieces = document_pieces(tokenize_records(load_records(str(documents_file)), word_tokenizer()), seq_len=48)
+    alone = [collate([piece], pad_token_id=0) for piece in pieces]
+    handle = inspect_causal_lm(load_causal_lm(str(model_dir), dtype=torch.float64).eval())
+    packed, _ = score_batches(handle, held_out.batches, chunk_size=16, device=torch.device("cpu"))
+    reference, _ = score_batches(handle, alone, chunk_size=16, device=torch.device("cpu"))
+    assert packed.num_targets == reference.num_targets
+    assert packed.loss_sum == pytest.approx(reference.loss_sum, rel=1e-10)
+    concatenated = file_held_out(str(documents_file), word_tokenizer(), batch_size=2, seq_len=48, packing="concat", pad_token_id=0)
+    across, _ = score_batches(handle, concatenated.batches, chunk_size=16, device=torch.device("cpu"))
+    assert across.loss != pytest.approx(packed.loss, rel=1e-6)
 
 
 def test_lockstep_padding_continues_the_positions():

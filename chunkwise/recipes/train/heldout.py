@@ -5,8 +5,8 @@
 * `--eval-data PATH`: any data `--data` takes (text, JSONL with a text or prompt/response fields,
   json/csv/parquet, a `save_to_disk` folder, a hub dataset), read with the training run's tokenizer,
   fields, `--seq-len` and `--packing`, so the held-out loss is measured on rows shaped like the training
-  rows and is comparable with the training loss (with `--packing documents`, each document piece is
-  scored in a row of its own: the same targets and contexts as in the packed rows);
+  rows and is comparable with the training loss (packed rows, `--packing documents`, are scored with their
+  `position_ids`: each document sees only itself, as in training);
 * without it, on the synthetic task: 32 sequences of a generator stream training never reads.
 
 Scoring is `chunkwise eval`'s: chunk by chunk through a KV cache without autograd
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from chunkwise.core.handle import CausalLMHandle
 from chunkwise.core.inference import score_batches
-from chunkwise.data.files import DataError, load_records
-from chunkwise.data.sequences import canonical_packing, collate, document_pieces, read_sequences, tokenize_records
+from chunkwise.data.sequences import collate, read_sequences
 from chunkwise.data.synthetic import SYNTHETIC, RecallTask, held_out_batches
 from chunkwise.utils.memory import peak_memory_bytes
 
@@ -70,17 +69,8 @@ def file_held_out(path: str, tokenizer, *, batch_size: int, seq_len: int, packin
     Raises:
         DataError: as `read_sequences` does, naming the file and what is wrong with it.
     """
-    if canonical_packing(packing) != "documents":
-        rows = read_sequences(path, tokenizer, seq_len=seq_len, packing=packing, text_field=text_field,
-                              prompt_field=prompt_field, response_field=response_field, split=split)
-    else:
-        # The chunked scorer (`score_batches`) reads a row as one stream (positions 0..n-1, attention across
-        # the whole row), so documents packed into one row would see each other. Each piece gets a row of its
-        # own instead: the same targets, each seeing exactly what it sees in a packed training row.
-        records = load_records(path, text_field=text_field, prompt_field=prompt_field, response_field=response_field, split=split)
-        rows = [replace(piece, position_ids=None) for piece in document_pieces(tokenize_records(records, tokenizer), seq_len=seq_len)]
-        if not rows:
-            raise DataError(f"no piece of {path} of at most {seq_len} tokens has a target token; raise --seq-len or shorten the prompts")
+    rows = read_sequences(path, tokenizer, seq_len=seq_len, packing=packing, text_field=text_field,
+                          prompt_field=prompt_field, response_field=response_field, split=split)
     batches = [collate(rows[i : i + batch_size], pad_token_id=pad_token_id) for i in range(0, len(rows), batch_size)]
     return HeldOutSet(path, batches)
 
