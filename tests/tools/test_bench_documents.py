@@ -26,6 +26,7 @@ def test_packed_row_reaches_every_method_as_documents():
         for documents in ((64,) * 4, None):
             result = measure_case(quick_case(method, documents))
             assert result.ok, result.error
+            assert len(result.step_cpu_s) == 1 and 0 < result.step_cpu_s[0]  # the step's CPU time beside its wall time
             losses[method, documents] = result.loss
     assert losses["full", (64,) * 4] == pytest.approx(losses["seco", (64,) * 4], rel=1e-5)
     assert losses["full", None] == pytest.approx(losses["seco", None], rel=1e-5)

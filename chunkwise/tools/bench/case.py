@@ -142,6 +142,8 @@ class CaseResult:
         status: "ok", "oom" (out of memory, including a child killed by SIGKILL), "error" or "timeout".
         time_s: median step time over the measured steps (None unless ok).
         step_times_s: every measured step's time.
+        step_cpu_s: every measured step's CPU time (this process, all its threads): with one thread, the step's
+            work whatever else the machine runs, where wall time grows with the machine's load.
         peak_memory_bytes: peak memory above the baseline over the measured steps (None unless ok).
         step_peaks_bytes: each measured step's peak above the baseline.
         baseline_bytes: memory at the baseline (model loaded, one priming step run, gradients freed).
@@ -158,6 +160,7 @@ class CaseResult:
     status: str
     time_s: float | None = None
     step_times_s: list[float] = field(default_factory=list)
+    step_cpu_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None
     step_peaks_bytes: list[int] = field(default_factory=list)
     baseline_bytes: int | None = None

@@ -218,10 +218,11 @@ def measure_on(model: torch.nn.Module, case: BenchCase, meter, result: CaseResul
             model.zero_grad(set_to_none=True)  # free the last step's gradients before the peak is reset
             meter.reset_peak()
             _synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             result.loss, result.backprop_chunks = step(input_ids)
             _synchronize(device)
             result.step_times_s.append(time.perf_counter() - start)
+            result.step_cpu_s.append(time.process_time() - cpu_start)
             result.step_peaks_bytes.append(max(0, meter.peak() - baseline))
     except Exception as error:  # MemoryError is an Exception too
         _record_oom(result, error)
