@@ -9,8 +9,8 @@ with messages that name the command-line option, as users of both the CLI and th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,9 +298,10 @@ class TrainConfig:
 def _renamed_packing(old: str) -> str:
     """The mode a deprecated --packing name means, with a one-line warning (an old run's run.json may still say it)."""
     new = DEPRECATED_PACKING[old]
-    warnings.warn(f"--packing {old} is the old name of --packing {new} (documents concatenated, attending across their "
-                  f"boundaries); it runs as {new}. The default is now documents (kept apart); say --packing {new} or documents",
-                  FutureWarning, stacklevel=3)
+    # A logged warning, not `warnings.warn`: on the command line it is one line (no source line under it).
+    logging.getLogger(__name__).warning(
+        f"--packing {old} is the old name of --packing {new} (documents concatenated, attending across their boundaries); it "
+        f"runs as {new}. The default is now documents (kept apart); say --packing {new} or documents")
     return new
 
 
