@@ -130,7 +130,7 @@ def bench_settings(options: dict, *, quick: bool = False):
         "dtype": options["dtype"] if options["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"),
         "model": options["model"] or ("quick" if quick else DEFAULT_MODEL),
         "methods": parse_list(options["methods"], "--methods"),
-        "lengths": parse_list(options["lengths"] or ("256,512,1024" if quick else "1024,2048,4096"), "--lengths", int),
+        "lengths": _bench_lengths(options, quick),
         "chunk_size": options["chunk_size"] or (64 if quick else 512),
         "repeats": options["repeats"] or (2 if quick else 3),
         "warmup": 1 if options["warmup"] is None else options["warmup"],
@@ -141,6 +141,17 @@ def bench_settings(options: dict, *, quick: bool = False):
         "threads": options["threads"] or (1 if quick else None),
     }
     return BenchSettings(**{field.name: values[field.name] for field in dataclasses.fields(BenchSettings) if field.name in values})
+
+
+def _bench_lengths(options: dict, quick: bool) -> tuple[int, ...]:
+    """--lengths, else the packed row's length with --documents, else the default grid."""
+    documents = options.get("documents")
+    if options["lengths"] is None and documents is not None:
+        return (sum(documents),)
+    lengths = parse_list(options["lengths"] or ("256,512,1024" if quick else "1024,2048,4096"), "--lengths", int)
+    if documents is not None and set(lengths) != {sum(documents)}:
+        raise UsageError(f"--documents make a row of {sum(documents)} tokens; leave out --lengths or give that length")
+    return lengths
 
 
 def bench(settings, *, output: str) -> int:
@@ -175,6 +186,8 @@ def plan(
     attention: str = "chunkwise",
     as_json: bool = False,
     quantization=None,
+    documents: tuple[int, ...] | None = None,
+    budget: int = 8,
 ) -> int:
     """`chunkwise plan`: each method's predicted peak memory, from the model's config alone.
 
@@ -199,12 +212,15 @@ def plan(
                                        batch_size=batch_size, attention=attention, **options)
     shape = ModelShape.from_name(model)
     if memory is not None:
-        budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
+        memory_budget = Budget(parse_bytes(memory, "--memory"), "given by --memory")
     elif device_type == "cpu" or torch.cuda.is_available():
-        budget = device_budget(torch.device(device))
+        memory_budget = device_budget(torch.device(device))
     else:
-        budget = None
-    report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=budget)
+        memory_budget = None
+    if budget < 1:
+        raise UsageError(f"--budget must be at least 1 chunk, got {budget}")
+    report = build_report(shape, training, seq_len=seq_len, chunk_size=None if chunk_size == "auto" else chunk_size, budget=memory_budget,
+                          documents=documents, spaco_budget=budget)
     if gpu_elsewhere:  # said once the plan is made, so that a bad setting stays a one-line error
         print("chunkwise plan: no GPU on this machine: planning for a CUDA GPU (bfloat16 autocast; give its size with "
               "--memory); pass --device cpu to plan for this machine's CPU (float32)", file=sys.stderr)
@@ -214,7 +230,7 @@ def plan(
     else:
         print_plan(report, device)
     if not fits:
-        print(f"chunkwise plan: {seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
+        print(f"chunkwise plan: {report.seq_len} tokens do not fit with any method: {report.budget.describe()}", file=sys.stderr)
     return 0 if fits else 1
 
 

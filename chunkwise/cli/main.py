@@ -21,7 +21,9 @@ import warnings
 # what it needs (tests/cli/test_cli_startup.py keeps it so).
 from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.cli import commands, environment
-from chunkwise.cli.options import UsageError, add_config_options, chunk_size_option, command_line_spelling, lengths_option
+from chunkwise.cli.options import (
+    UsageError, add_config_options, chunk_size_option, command_line_spelling, documents_option, lengths_option,
+)
 from chunkwise.data.files import DataError
 from chunkwise.models.quantize import Quantization
 from chunkwise.recipes.checkpoint import CheckpointError
@@ -128,7 +130,7 @@ def _add_bench(subparsers, shared: dict) -> None:
         help="measure step time and peak memory of forward, full, ckpt, seco and spaco",
         description="Measure each (method, sequence length) case in a fresh process: median step time and "
         "peak memory above the loaded model. Writes bench.md (table), bench.json (raw numbers, machine) "
-        "and bench.png (plots) to --output and prints the table. Models: quick, llama-56m (default), "
+        "and bench.png (plots) to --output and prints the table. Models: quick, quick-wide, llama-56m (default), "
         "llama-1b, llama-8b (random weights from Llama configs), a tiny preset, or a local directory.",
         parents=[shared["device"], shared["seed"], shared["batch"], shared["attention"]],
     )
@@ -149,6 +151,9 @@ def _add_bench(subparsers, shared: dict) -> None:
     bench.add_argument("--memory-cap", default=None, metavar="BYTES", help="fail a case (recorded as OOM) that allocates more than BYTES above its baseline")
     bench.add_argument("--case-timeout", dest="timeout_s", type=float, default=None, metavar="SECONDS", help="give up on a case after this long (recorded as timeout)")
     bench.add_argument("--offload-kv", action="store_true", help="seco/spaco: KV cache and its gradient in host memory")
+    bench.add_argument("--documents", type=documents_option, default=None, metavar="LENGTHS",
+                       help="measure a packed row: documents of these lengths (e.g. 4096x8 or 1024,2048,4096) with position_ids "
+                       "restarting at each, so attention stays inside each document; --lengths defaults to their sum")
     bench.add_argument("--suite", choices=["gpu"], default=None, help="run the one-shot GPU suite (<= 8 minutes on one GPU; writes suite.json/suite.md to --output) instead of a grid; see docs/benchmarks.md")
     bench.add_argument("--dry-run", action="store_true", help="with --suite gpu: the same cases on CPU with a tiny model, a smoke test")
 
@@ -174,6 +179,10 @@ def _add_plan(subparsers, shared: dict) -> None:
     plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"], default="auto", help="as chunkwise train runs it (auto: bfloat16 autocast on cuda, float32 on cpu)")
     plan.add_argument("--lora-r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default 8, as chunkwise train with --model)")
     plan.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names for LoRA (default q_proj,v_proj)")
+    plan.add_argument("--documents", type=documents_option, default=None, metavar="LENGTHS",
+                      help="a packed row: its documents' lengths, e.g. 4096x8 or 1024,2048,4096 (--seq-len defaults to their sum): "
+                      "memory and FLOPs with per-document attention, beside the FLOPs of attention across the whole row")
+    plan.add_argument("--budget", type=int, default=8, help="SpaCO chunks backpropagated per step, for its FLOPs with --documents (default 8)")
 
 
 def _add_train(subparsers, shared: dict) -> None:

@@ -124,3 +124,23 @@ def chunk_size_option(text: str) -> int | str:
     if value != "auto" and not (isinstance(value, int) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of tokens or auto, got {text!r}")
     return value
+
+
+def documents_option(text: str) -> tuple[int, ...]:
+    """argparse type of `--documents`: a packed row's document lengths, in row order.
+
+    Comma-separated items, each a length or `LENGTHxCOUNT`: "4096x8" is 8 documents of 4096 tokens,
+    "1024,2048,4096" three documents, "8192x2,4096x4" six.
+    """
+    lengths = []
+    for item in text.split(","):
+        length, _, count = item.strip().lower().partition("x")
+        try:
+            length, count = int(length), int(count) if count else 1
+        except ValueError:
+            length = count = 0
+        if length < 1 or count < 1:
+            raise argparse.ArgumentTypeError(f"must be document lengths such as 4096x8 (8 documents of 4096 tokens) or "
+                                             f"1024,2048,4096; got {text!r}")
+        lengths += [length] * count
+    return tuple(lengths)

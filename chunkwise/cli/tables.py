@@ -75,6 +75,8 @@ def print_plan(report, device: str) -> None:
         console.print("Columns hold what is allocated at the peak: full and ckpt peak in the loss's backward, before any "
                       "gradient exists; \"other\" is the attention's backward over the past or AdamW's step; weights include "
                       "autocast's low-precision copies. Derivation and validation: docs/plan.md.")
+    if report.documents is not None and report.flops:
+        _print_packed_flops(console, report)
     if budget is not None:
         console.print(f"budget: {budget.describe()}")
         if report.recommended is not None:
@@ -98,6 +100,31 @@ def print_plan(report, device: str) -> None:
         console.print(table)
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def _print_packed_flops(console: Console, report) -> None:
+    """With --documents: each method's step FLOPs with per-document attention and with attention across the row."""
+    from chunkwise.plan.compute import attention_pairs
+
+    documents = report.documents
+    pairs = attention_pairs(report.seq_len, documents) / attention_pairs(report.seq_len)
+    console.print(f"packed row: {len(documents)} documents ({_describe_lengths(documents)}) in {report.seq_len:,} tokens; "
+                  f"per-document attention reads {pairs:.1%} of the query-key pairs of attention across the row. Memory above: "
+                  "per-document (a chunk keeps what it reads from its first query's document start on; the KV cache spans the row)")
+    table = Table(title="step FLOPs (one row; backward = 2 forwards)", title_justify="left")
+    for column in ("method", "per-document", "attention share", "across documents", "attention share", "saved"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for own, cross in zip(report.flops, report.cross_flops):
+        table.add_row(own.method, f"{own.total:.3g}", f"{own.attention_share:.1%}", f"{cross.total:.3g}",
+                      f"{cross.attention_share:.1%}", f"{1 - own.total / cross.total:.1%}")
+    console.print(table)
+
+
+def _describe_lengths(documents: tuple[int, ...]) -> str:
+    """"4,096 x 8" for equal lengths, else "1,024 to 16,384, mean 4,096"."""
+    if len(set(documents)) == 1:
+        return f"{documents[0]:,} x {len(documents)}"
+    return f"{min(documents):,} to {max(documents):,}, mean {sum(documents) / len(documents):,.0f}"
 
 
 def print_evaluation(report) -> None:

@@ -3,5 +3,13 @@ before torch is imported (`chunkwise.data.synthetic` and `chunkwise.data.sequenc
 
 SYNTHETIC = "synthetic"
 """The `--data` value (and the default without `--data`) that selects `RecallTask`."""
-PACKING_MODES = ("pack", "truncate")
-"""How documents become rows: packed into `--seq-len` blocks, or one (truncated) row per document."""
+PACKING_MODES = ("documents", "concat", "truncate")
+"""How documents become rows: several whole documents per row kept apart (positions restart, per-document
+attention), concatenated into one stream (cross-document attention), or one (truncated) row per document."""
+DEPRECATED_PACKING = {"pack": "concat"}
+"""`pack` was the concatenation's name before documents were kept apart; it still means "concat"."""
+
+
+def canonical_packing(packing: str) -> str:
+    """The packing mode `packing` names: a deprecated alias (`pack`) becomes its mode, anything else is returned as is."""
+    return DEPRECATED_PACKING.get(packing, packing)

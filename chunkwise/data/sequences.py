@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import random
@@ -12,7 +13,7 @@ import torch
 from chunkwise.core.loss import IGNORE_INDEX
 from chunkwise.data.conversations import check_chat_template, conversation_tokens
 from chunkwise.data.files import DataError, Record, load_records
-from chunkwise.data.names import PACKING_MODES
+from chunkwise.data.names import DEPRECATED_PACKING, PACKING_MODES, canonical_packing  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +113,36 @@ class Sequence:
         input_ids: `[n]` token ids, 2 <= n <= seq_len.
         labels: `[n]` aligned targets (not shifted), IGNORE_INDEX where ignored; at least one of
             `labels[1:]` is a real target.
+        position_ids: `[n]` each token's position in its document, restarting at 0 where a document
+            starts (packing="documents"); None: one stream, positions 0..n-1.
     """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
 
 def make_sequences(documents: list[TokenizedDocument], *, seq_len: int, packing: str) -> list[Sequence]:
     """Cut documents into training rows of at most `seq_len` tokens.
 
-    packing="pack": all documents concatenated in order (ids and labels alike, so documents keep
+    packing="documents" (padding-free packing): each row holds several whole documents, kept apart.
+    A document longer than `seq_len` is first cut into `seq_len`-token pieces, each then a document of
+    its own (as TRL does). Rows are filled best-fit, longest piece first (few rows, little padding);
+    inside a row the pieces keep the data's order. Each row carries `position_ids` that restart at 0
+    where a piece starts, which the engine reads as a document boundary (per-document attention), and
+    the label of each piece's first token is IGNORE_INDEX, so no token is trained to predict the next
+    document's first (as transformers' `DataCollatorWithFlattening` does).
+    packing="concat": all documents concatenated in order (ids and labels alike, so documents keep
     their own BOS/EOS and prompt masks) and cut into consecutive `seq_len` blocks; a final partial
-    block is kept if it has at least two tokens. No padding is wasted; a block may span documents.
+    block is kept if it has at least two tokens. A block may span documents, and then a document
+    attends to the ones before it in its block, its positions continuing theirs.
     packing="truncate": one row per document, its first `seq_len` tokens (the rest is dropped;
     shorter documents are padded later, in `collate`).
+    packing="pack" is the old name of "concat" (deprecated).
 
     Rows with no real target after the one-token shift (`labels[1:]` all -100, e.g. an instruction
-    example whose prompt fills all `seq_len` tokens) are dropped, with a logged warning.
+    example whose prompt fills all `seq_len` tokens) are dropped, with a logged warning; so are such
+    pieces with "documents".
 
     Raises:
         ValueError: `seq_len` is not an integer >= 2, or `packing` is unknown.
@@ -136,15 +150,19 @@ def make_sequences(documents: list[TokenizedDocument], *, seq_len: int, packing:
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2 (one token predicts the next), got {seq_len!r}")
+    packing = canonical_packing(packing)
     if packing not in PACKING_MODES:
         raise ValueError(f"packing must be one of {', '.join(map(repr, PACKING_MODES))}, got {packing!r}")
     if not documents:
         raise DataError("no documents to make training sequences from; check the data path")
-    rows = _pack(documents, seq_len) if packing == "pack" else _truncate(documents, seq_len)
+    if packing == "documents":
+        rows = _pack_documents(document_pieces(documents, seq_len=seq_len), seq_len)
+    else:
+        rows = _concatenate(documents, seq_len) if packing == "concat" else _truncate(documents, seq_len)
     kept = [row for row in rows if _has_target(row.labels)]
     if not kept:
         raise DataError(
-            f"none of the {len(rows)} sequences of at most {seq_len} tokens has a target token (prompts "
+            f"none of the {len(rows) or len(documents)} sequences of at most {seq_len} tokens has a target token (prompts "
             "longer than seq_len leave no response tokens); raise seq_len or shorten the prompts"
         )
     if len(kept) < len(rows):
@@ -155,7 +173,7 @@ def make_sequences(documents: list[TokenizedDocument], *, seq_len: int, packing:
     return kept
 
 
-def _pack(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
+def _concatenate(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
     input_ids = list(itertools.chain.from_iterable(document.input_ids for document in documents))
     labels = list(itertools.chain.from_iterable(document.labels for document in documents))
     return [
@@ -167,6 +185,56 @@ def _pack(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
 
 def _truncate(documents: list[TokenizedDocument], seq_len: int) -> list[Sequence]:
     return [Sequence(document.input_ids[:seq_len], document.labels[:seq_len]) for document in documents]
+
+
+def document_pieces(documents: list[TokenizedDocument], *, seq_len: int) -> list[Sequence]:
+    """Each document cut into pieces of at most `seq_len` tokens, in order, each with positions 0..n-1 and its
+    first label IGNORE_INDEX: the documents packing="documents" packs into rows.
+
+    A one-token tail predicts nothing and is left out; a piece with no target (an instruction prompt's
+    piece) is dropped with a logged warning, before it takes room in a row.
+    """
+    pieces = []
+    for document in documents:
+        for start in range(0, len(document.input_ids), seq_len):
+            input_ids = document.input_ids[start : start + seq_len]
+            if len(input_ids) >= 2:
+                labels = [IGNORE_INDEX, *document.labels[start + 1 : start + seq_len]]
+                pieces.append(Sequence(input_ids, labels, list(range(len(input_ids)))))
+    kept = [piece for piece in pieces if _has_target(piece.labels)]
+    if len(kept) < len(pieces) and kept:
+        logger.warning("dropped %d of %d document pieces with no target token (prompt longer than seq_len=%d)",
+                       len(pieces) - len(kept), len(pieces), seq_len)
+    return kept
+
+
+def _pack_documents(pieces: list[Sequence], seq_len: int) -> list[Sequence]:
+    """Best-fit decreasing: each piece, longest first, goes into the fullest row it still fits, else a new row.
+
+    `free` holds (room left, row number) sorted, so the best row is one bisection away. Inside a row the
+    pieces are joined in the data's order (sorted by their index), so a row reads as the data did.
+    """
+    rows: list[list[int]] = []  # piece indices per row
+    free: list[tuple[int, int]] = []
+    for index in sorted(range(len(pieces)), key=lambda i: -len(pieces[i].input_ids)):
+        length = len(pieces[index].input_ids)
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot == len(free):
+            rows.append([index])
+            room, row = seq_len - length, len(rows) - 1
+        else:
+            room, row = free.pop(slot)
+            rows[row].append(index)
+            room -= length
+        if room >= 2:  # a gap of one token would hold no piece
+            bisect.insort(free, (room, row))
+    return [_join(sorted(members), pieces) for members in rows]
+
+
+def _join(members: list[int], pieces: list[Sequence]) -> Sequence:
+    chosen = [pieces[i] for i in members]
+    return Sequence(*(list(itertools.chain.from_iterable(getattr(p, name) for p in chosen))
+                      for name in ("input_ids", "labels", "position_ids")))
 
 
 def _has_target(labels: list[int]) -> bool:
@@ -229,7 +297,10 @@ def collate(sequences: list[Sequence], *, pad_token_id: int) -> dict[str, torch.
     Returns:
         "input_ids": `[B, T]` long, `pad_token_id` on padding;
         "attention_mask": `[B, T]` long, 1 on real tokens, 0 on padding;
-        "labels": `[B, T]` long, IGNORE_INDEX (-100) on padding, so padding is never a target.
+        "labels": `[B, T]` long, IGNORE_INDEX (-100) on padding, so padding is never a target;
+        "position_ids": `[B, T]` long, only when a row carries its own (packed documents): each row's, and
+            on its padding positions that go on counting from its last document's (a continuation, not a
+            restart, so padding opens no document; the mask keeps it out of attention and the loss).
     """
     if not sequences:
         raise ValueError("collate needs at least one sequence")
@@ -242,12 +313,18 @@ def collate(sequences: list[Sequence], *, pad_token_id: int) -> dict[str, torch.
     input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
     labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    packed = any(sequence.position_ids is not None for sequence in sequences)
+    position_ids = torch.arange(width).repeat(batch_size, 1) if packed else None
     for row, sequence in enumerate(sequences):
         length = len(sequence.input_ids)
         input_ids[row, :length] = torch.tensor(sequence.input_ids, dtype=torch.long)
         attention_mask[row, :length] = 1
         labels[row, :length] = torch.tensor(sequence.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed and sequence.position_ids is not None:
+            last = sequence.position_ids[-1]
+            position_ids[row] = torch.tensor(sequence.position_ids + list(range(last + 1, last + 1 + width - length)))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch if position_ids is None else {**batch, "position_ids": position_ids}
 
 
 # ----- the synthetic long-range task -----

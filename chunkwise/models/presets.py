@@ -116,6 +116,12 @@ BENCH_MODELS: dict[str, dict] = {
         vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, **_LLAMA_COMMON,
     ),
+    # The quick model at Llama's head size (4 heads of 64): attention is most of a long step's work, as in
+    # larger models at long lengths; the packed-rows benchmark (docs/benchmarks.md) measures 32K rows on it.
+    "quick-wide": dict(
+        vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, **_LLAMA_COMMON,
+    ),
     # The CPU default: 55,976,448 parameters (32.8M of them in the untied embedding and LM head).
     "llama-56m": dict(
         vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,

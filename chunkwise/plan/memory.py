@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chunkwise.models.quantize import quantized_linears
+from chunkwise.plan.compute import check_documents, first_visible_key
 from chunkwise.plan.layers import LayerCost, head_input_bytes
 from chunkwise.plan.shape import ModelShape, PlanError, Training
 from chunkwise.utils.memory import format_bytes
@@ -49,11 +50,12 @@ def has_fused_kernel(shape: ModelShape, training: Training) -> bool:
     return any(kernel.supports(device, dtype, shape.head_dim) for kernel in KERNELS)
 
 
-def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len: int, chunk_size: int) -> list[str]:
+def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len: int, chunk_size: int, *,
+                    packed: bool = False) -> list[str]:
     """The attention code path of each layer for the chunk that attends to the longest past.
 
     full/ckpt: "sdpa" (transformers' SDPA over the whole sequence; "masked" where a sliding window is
-    shorter than it). seco/spaco: `chunkwise.attention.chunk` on a fused kernel ("split"; "offloaded" for
+    shorter than it, and for a `packed` row of several documents: transformers builds a per-document mask). seco/spaco: `chunkwise.attention.chunk` on a fused kernel ("split"; "offloaded" for
     seco+offload), or "blocked" where no kernel takes the dtype and head dim (`has_fused_kernel`); a layer
     whose window is shorter than the past, and every layer with attention="model", falls back to SDPA
     with a mask ("masked"), or, with attention="model" and no past, to SDPA without one ("cached").
@@ -66,7 +68,7 @@ def attention_kinds(shape: ModelShape, training: Training, method: str, seq_len:
     for window in shape.windows:
         windowed = window is not None and seq_len > window
         if method in ("full", "ckpt"):
-            kinds.append("masked" if windowed else "sdpa")
+            kinds.append("masked" if windowed or packed else "sdpa")
         elif chunk_size >= seq_len and not windowed:  # one chunk: no past
             kinds.append("cached" if training.attention == "model" else chunkwise)
         elif training.attention == "model" or windowed:
@@ -273,8 +275,8 @@ class _Chunk:
     backward_past: int  # the part of `backward` sized by the keys
 
     @classmethod
-    def of(cls, shape: ModelShape, training: Training, method: str, tokens: int, keys: int) -> _Chunk:
-        kinds = attention_kinds(shape, training, method, keys, tokens)
+    def of(cls, shape: ModelShape, training: Training, method: str, tokens: int, keys: int, *, packed: bool = False) -> _Chunk:
+        kinds = attention_kinds(shape, training, method, keys, tokens, packed=packed)
         acts = _activations(shape, training, kinds, tokens, keys)
         b = training.batch_size
         backward, backward_past = _attention_backward_bytes(shape, training, kinds[-1], tokens, keys, acts.last)
@@ -312,10 +314,10 @@ def _lm_head_gradient(shape: ModelShape, training: Training) -> int:
     return 0 if training.lora else shape.lm_head_weights * training.param_bytes
 
 
-def _full_moments(shape: ModelShape, training: Training, seq_len: int, static: dict[str, int]) -> _Moments:
+def _full_moments(shape: ModelShape, training: Training, seq_len: int, static: dict[str, int], packed: bool) -> _Moments:
     """Ordinary backprop: the loss's backward (every activation, no gradient yet); the LM head's backward
     (its gradient arrives, one logits-sized tensor left after the log-softmax's backward)."""
-    step = _Chunk.of(shape, training, "full", seq_len, seq_len)
+    step = _Chunk.of(shape, training, "full", seq_len, seq_len, packed=packed)
     acts, head, loss = step.activations.total, step.head, step.loss
     resident = _resident(static)
     phases = {
@@ -326,15 +328,15 @@ def _full_moments(shape: ModelShape, training: Training, seq_len: int, static: d
     return _Moments(phases, {"activations": acts + head, "logits_loss": loss})
 
 
-def _ckpt_moments(shape: ModelShape, training: Training, seq_len: int, static: dict[str, int]) -> _Moments:
+def _ckpt_moments(shape: ModelShape, training: Training, seq_len: int, static: dict[str, int], packed: bool) -> _Moments:
     """Layer-level activation checkpointing: the loss's backward (each layer's input kept); a recomputed
     layer's backward (all gradients allocated by then)."""
     b = training.batch_size
-    step = _Chunk.of(shape, training, "ckpt", seq_len, seq_len)
+    step = _Chunk.of(shape, training, "ckpt", seq_len, seq_len, packed=packed)
     acts, head, loss = step.activations.total, step.head, step.loss
     resident = _resident(static)
     # each layer's input, and the boolean [B, 1, T, T] mask they share where a sliding window needs one
-    masked = any(window is not None and seq_len > window for window in shape.windows)
+    masked = packed or any(window is not None and seq_len > window for window in shape.windows)
     checkpoints = shape.layers * shape.hidden * training.hidden_bytes * seq_len * b + masked * b * seq_len * seq_len
     phases = {
         "loss backward": {**resident, "activations": checkpoints + head, "logits_loss": loss},
@@ -345,17 +347,19 @@ def _ckpt_moments(shape: ModelShape, training: Training, seq_len: int, static: d
 
 
 def _chunked_moments(shape: ModelShape, training: Training, method: str, seq_len: int, chunk: int,
-                     static: dict[str, int]) -> _Moments:
+                     static: dict[str, int], documents: tuple[int, ...] | None = None) -> _Moments:
     """seco, spaco, seco+offload: stage 2 visits the last chunk first, before any gradient or KV-gradient
     buffer exists, then the one before it with all of them allocated and seeded with its KV relay
     (`_relay_bytes`); for each, its loss's backward and its last layer's attention backward over its keys.
     SpaCO may select those two chunks, and scales the relay by its factor (one more copy). seco+offload
     counts the cache, its gradient and the past-sized tensors in host memory, and the streamed blocks of
-    the past on the device (`_streamed_bytes`)."""
+    the past on the device (`_streamed_bytes`). In a packed row (`documents`) a chunk reads only the keys
+    from its first query's document start on (`first_visible_key`), and the chunk before the last is the one
+    that reads the most of them (the cache and its gradient still span the row)."""
     b = training.batch_size
     resident, gradients = _resident(static), static["gradients"]
     count = -(-seq_len // chunk)
-    last = _Chunk.of(shape, training, method, seq_len - (count - 1) * chunk, seq_len)
+    last = _Chunk.of(shape, training, method, seq_len - (count - 1) * chunk, seq_len - first_visible_key(documents, (count - 1) * chunk))
     cost = last.activations.last
     kv = _kv_bytes(shape, cost.kv_sizes, seq_len * b)
     kv_gradient = _kv_gradient_bytes(shape, training, cost.kv_sizes, seq_len * b)
@@ -372,7 +376,8 @@ def _chunked_moments(shape: ModelShape, training: Training, method: str, seq_len
     visits = [("last chunk's ", last, 0, {"kv_cache": kv + streamed},
                {"kv_cache": kv + streamed, "gradients": lm_head_gradient + one_layer, "kv_gradient": kv_gradient // shape.layers})]
     if count > 1:  # then the chunk before it, with every gradient buffer allocated, seeded with its relay
-        before = _Chunk.of(shape, training, method, chunk, (count - 1) * chunk)
+        keys = max((j + 1) * chunk - first_visible_key(documents, j * chunk) for j in range(count - 1))
+        before = _Chunk.of(shape, training, method, chunk, keys)
         held = {"kv_cache": kv + streamed + summed, "kv_gradient": kv_gradient, "gradients": gradients}
         visits.append(("", before, _relay_bytes(shape, training, cost, chunk * b, method), held, held))
     moments = _Moments({}, {})
@@ -393,12 +398,16 @@ def _chunked_moments(shape: ModelShape, training: Training, method: str, seq_len
     return moments
 
 
-def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: int, chunk_size: int | None = None) -> MethodPlan:
+def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: int, chunk_size: int | None = None,
+                documents: tuple[int, ...] | None = None) -> MethodPlan:
     """The predicted peak of one method's training step: the largest of its moments (`_full_moments`,
     `_ckpt_moments`, `_chunked_moments`) and, for all, the optimizer step.
 
+    `documents`: a packed row's document lengths, in row order (they add up to `seq_len`); None: one stream.
+
     Raises:
-        PlanError: an unknown method, a length under 2, or a chunked method without a chunk size.
+        PlanError: an unknown method, a length under 2, a chunked method without a chunk size, or
+            documents that do not fill the row.
     """
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -407,13 +416,15 @@ def method_plan(shape: ModelShape, training: Training, method: str, *, seq_len: 
     chunked = method in CHUNKED_METHODS
     if chunked and (chunk_size is None or chunk_size < 1):
         raise PlanError(f"{method} needs a chunk size >= 1, got {chunk_size}")
+    check_documents(documents, seq_len)
+    packed = documents is not None and len(documents) > 1
     static = _static_parts(shape, training)
     if method == "full":
-        moments = _full_moments(shape, training, seq_len, static)
+        moments = _full_moments(shape, training, seq_len, static, packed)
     elif method == "ckpt":
-        moments = _ckpt_moments(shape, training, seq_len, static)
+        moments = _ckpt_moments(shape, training, seq_len, static, packed)
     else:
-        moments = _chunked_moments(shape, training, method, seq_len, min(chunk_size, seq_len), static)
+        moments = _chunked_moments(shape, training, method, seq_len, min(chunk_size, seq_len), static, documents if packed else None)
     moments.phases["optimizer step"] = {**_resident(static), "gradients": static["gradients"], "optimizer_step": static["optimizer_step"]}
     return _peak_plan(moments, training, method, seq_len, chunk_size if chunked else None, static)
 
@@ -431,6 +442,7 @@ def _peak_plan(moments: _Moments, training: Training, method: str, seq_len: int,
     return MethodPlan(method, seq_len, chunk_size, parts, peak, host[peak], {**static, **moments.sizes})
 
 
-def plan_memory(shape: ModelShape, training: Training, *, seq_len: int, chunk_size: int, methods=METHODS) -> list[MethodPlan]:
-    """`method_plan` of each method (chunk_size applies to seco, spaco and seco+offload)."""
-    return [method_plan(shape, training, method, seq_len=seq_len, chunk_size=chunk_size) for method in methods]
+def plan_memory(shape: ModelShape, training: Training, *, seq_len: int, chunk_size: int, methods=METHODS,
+                documents: tuple[int, ...] | None = None) -> list[MethodPlan]:
+    """`method_plan` of each method (chunk_size applies to seco, spaco and seco+offload; `documents` to all)."""
+    return [method_plan(shape, training, method, seq_len=seq_len, chunk_size=chunk_size, documents=documents) for method in methods]

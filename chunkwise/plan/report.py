@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from chunkwise.plan.compute import StepFlops, check_documents, step_flops
 from chunkwise.plan.fit import AUTO_MARGIN, Budget, largest_fitting, longest_length
 from chunkwise.plan.memory import METHODS, MethodPlan, plan_memory
 from chunkwise.plan.shape import DERIVED_TYPES, ModelShape, PlanError, Training
@@ -23,6 +24,9 @@ class PlanReport:
         recommended: the plan `--chunk-size auto` would pick (seco, else seco+offload), or None.
         longest: each method's plan at the longest length within `budget`.
         notes: caveats (approximate architecture, position limit, ...).
+        documents: the packed row's document lengths (None: one stream per row).
+        flops: each method's step FLOPs at `seq_len` (`chunkwise.plan.compute`), with `documents` if given.
+        cross_flops: the same row without document boundaries (None for one stream): what per-document attention saves.
     """
 
     shape: ModelShape
@@ -33,6 +37,9 @@ class PlanReport:
     recommended: MethodPlan | None
     longest: dict[str, MethodPlan | None]
     notes: list[str]
+    documents: tuple[int, ...] | None = None
+    flops: list[StepFlops] = field(default_factory=list)
+    cross_flops: list[StepFlops] | None = None
 
     def as_dict(self) -> dict:
         def plan_dict(plan: MethodPlan | None) -> dict | None:
@@ -53,7 +60,14 @@ class PlanReport:
             "recommended": plan_dict(self.recommended),
             "longest": {method: plan_dict(plan) for method, plan in self.longest.items()},
             "notes": self.notes,
+            "documents": None if self.documents is None else list(self.documents),
+            "flops": [_flops_dict(f) for f in self.flops],
+            "cross_document_flops": None if self.cross_flops is None else [_flops_dict(f) for f in self.cross_flops],
         }
+
+
+def _flops_dict(flops: StepFlops) -> dict:
+    return {"method": flops.method, "linear": flops.linear, "attention": flops.attention, "attention_share": flops.attention_share}
 
 
 def _training_fields(training: Training) -> dict:
@@ -65,9 +79,18 @@ def _training_fields(training: Training) -> dict:
 
 
 def build_report(shape: ModelShape, training: Training, *, seq_len: int | None, chunk_size: int | None,
-                 budget: Budget | None) -> PlanReport:
+                 budget: Budget | None, documents: tuple[int, ...] | None = None, spaco_budget: int = 8) -> PlanReport:
     """Plans at `seq_len` (with `chunk_size`, else the recommended chunk, else 1024) and, with a budget,
-    the recommended chunk and each method's longest length."""
+    the recommended chunk and each method's longest length.
+
+    `documents`: the row is packed with documents of these lengths (their sum is the row; `seq_len` may be
+    None then): the plans and FLOPs at `seq_len` are those of per-document attention, and the FLOPs of the
+    same row with attention across documents come beside them. The recommended chunk and the longest
+    lengths are those of rows of one document. `spaco_budget`: SpaCO's chunks per step, for its FLOPs.
+    """
+    if documents is not None:
+        seq_len = sum(documents) if seq_len is None else seq_len
+        check_documents(documents, seq_len)
     if seq_len is None and budget is None:
         raise PlanError("give --seq-len N (the breakdown at that length) or --memory SIZE (the longest length that fits)")
     if training.lora and not shape.lora_modules(training.lora_targets):
@@ -86,11 +109,14 @@ def build_report(shape: ModelShape, training: Training, *, seq_len: int | None, 
     if seq_len is not None and budget is not None:
         recommended = (largest_fitting(shape, training, seq_len, budget, "seco")[0]
                        or largest_fitting(shape, training, seq_len, budget, "seco+offload")[0])
-    plans = []
+    plans, flops, cross = [], [], None
     if seq_len is not None:
         chunk = chunk_size or (recommended.chunk_size if recommended else min(1024, seq_len))
-        plans = plan_memory(shape, training, seq_len=seq_len, chunk_size=chunk)
+        plans = plan_memory(shape, training, seq_len=seq_len, chunk_size=chunk, documents=documents)
+        flops = [step_flops(shape, plan.method, seq_len=seq_len, chunk_size=chunk, budget=spaco_budget, documents=documents) for plan in plans]
+        if documents is not None:
+            cross = [step_flops(shape, plan.method, seq_len=seq_len, chunk_size=chunk, budget=spaco_budget) for plan in plans]
     longest = {}
     if budget is not None:
         longest = {method: longest_length(shape, training, method, budget=budget, chunk_size=chunk_size) for method in METHODS}
-    return PlanReport(shape, training, seq_len, plans, budget, recommended, longest, notes)
+    return PlanReport(shape, training, seq_len, plans, budget, recommended, longest, notes, documents, flops, cross)

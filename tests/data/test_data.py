@@ -470,17 +470,17 @@ DOCUMENTS = [
 ]
 
 
-def test_pack_concatenates_and_cuts_keeping_a_partial_block():
-    assert make_sequences(DOCUMENTS, seq_len=3, packing="pack") == [
+def test_concat_concatenates_and_cuts_keeping_a_partial_block():
+    assert make_sequences(DOCUMENTS, seq_len=3, packing="concat") == [
         Sequence([10, 11, 12], [10, 11, 12]),
         Sequence([13, 14, 20], [13, 14, -100]),
         Sequence([21, 22], [-100, 22]),
     ]
 
 
-def test_pack_drops_a_one_token_tail(caplog):
+def test_concat_drops_a_one_token_tail(caplog):
     with caplog.at_level(logging.WARNING, logger="chunkwise.data"):
-        sequences = make_sequences(DOCUMENTS, seq_len=7, packing="pack")
+        sequences = make_sequences(DOCUMENTS, seq_len=7, packing="concat")
     assert sequences == [Sequence([10, 11, 12, 13, 14, 20, 21], [10, 11, 12, 13, 14, -100, -100])]
     assert caplog.messages == []  # too short to be a sequence at all, not a dropped one
 
@@ -503,7 +503,7 @@ def test_sequences_without_a_target_after_the_shift_are_dropped(caplog):
         TokenizedDocument("z", [7, 8], [7, 8]),
     ]
     with caplog.at_level(logging.WARNING, logger="chunkwise.data"):
-        sequences = make_sequences(documents, seq_len=2, packing="pack")
+        sequences = make_sequences(documents, seq_len=2, packing="concat")
     assert sequences == [Sequence([3, 4], [-100, 4]), Sequence([7, 8], [7, 8])]
     assert caplog.messages == ["dropped 2 of 4 sequences with no target token (prompt longer than seq_len=2)"]
     # Truncated to 2 tokens, the instruction example keeps only prompt tokens and is dropped.
@@ -527,10 +527,54 @@ def test_seq_len_must_be_an_integer_of_at_least_two(seq_len):
         make_sequences(DOCUMENTS, seq_len=seq_len, packing="pack")
 
 
+def test_pack_is_the_old_name_of_concat():
+    for seq_len in (3, 7):
+        assert make_sequences(DOCUMENTS, seq_len=seq_len, packing="pack") == make_sequences(DOCUMENTS, seq_len=seq_len, packing="concat")
+
+
+# Documents of 5, 3 and 2 tokens (the third a text whose tokens are all targets).
+THREE_DOCUMENTS = [*DOCUMENTS, TokenizedDocument("c", [30, 31], [30, 31])]
+
+
+def test_documents_keeps_whole_documents_apart_with_restarting_positions():
+    # Best fit, longest first: 5 opens a row, 3 fills it, 2 opens the next; inside a row the data's order.
+    assert make_sequences(THREE_DOCUMENTS, seq_len=8, packing="documents") == [
+        Sequence([10, 11, 12, 13, 14, 20, 21, 22], [-100, 11, 12, 13, 14, -100, -100, 22], [0, 1, 2, 3, 4, 0, 1, 2]),
+        Sequence([30, 31], [-100, 31], [0, 1]),
+    ]
+    # The two short documents share a row; the long one fills its own (the first label of each document is
+    # never a target: the previous document's last token must not learn to predict it).
+    assert make_sequences(THREE_DOCUMENTS, seq_len=6, packing="documents") == [
+        Sequence([10, 11, 12, 13, 14], [-100, 11, 12, 13, 14], [0, 1, 2, 3, 4]),
+        Sequence([20, 21, 22, 30, 31], [-100, -100, 22, -100, 31], [0, 1, 2, 0, 1]),
+    ]
+
+
+def test_documents_cuts_a_long_document_into_pieces_that_restart():
+    # seq_len 3: the 5-token document becomes pieces of 3 and 2 tokens, each a document from position 0.
+    assert make_sequences(THREE_DOCUMENTS, seq_len=3, packing="documents") == [
+        Sequence([10, 11, 12], [-100, 11, 12], [0, 1, 2]),
+        Sequence([20, 21, 22], [-100, -100, 22], [0, 1, 2]),
+        Sequence([13, 14], [-100, 14], [0, 1]),
+        Sequence([30, 31], [-100, 31], [0, 1]),
+    ]
+    # seq_len 4: the piece [14] of one token predicts nothing and is left out.
+    assert make_sequences(DOCUMENTS[:1], seq_len=4, packing="documents") == [Sequence([10, 11, 12, 13], [-100, 11, 12, 13], [0, 1, 2, 3])]
+
+
+def test_documents_drops_pieces_without_a_target(caplog):
+    prompt_only = TokenizedDocument("p", [1, 2, 3, 4, 5], [-100, -100, -100, 4, 5])
+    with caplog.at_level(logging.WARNING, logger="chunkwise.data"):
+        rows = make_sequences([prompt_only, THREE_DOCUMENTS[2]], seq_len=3, packing="documents")
+    # The prompt's first piece [1, 2, 3] has no target and takes no room; two 2-token pieces do not share a 3-token row.
+    assert rows == [Sequence([4, 5], [-100, 5], [0, 1]), Sequence([30, 31], [-100, 31], [0, 1])]
+    assert caplog.messages == ["dropped 1 of 3 document pieces with no target token (prompt longer than seq_len=3)"]
+
+
 def test_unknown_packing():
     with pytest.raises(ValueError) as excinfo:
         make_sequences(DOCUMENTS, seq_len=4, packing="pad")
-    assert message(excinfo) == "packing must be one of 'pack', 'truncate', got 'pad'"
+    assert message(excinfo) == "packing must be one of 'documents', 'concat', 'truncate', got 'pad'"
     assert not isinstance(excinfo.value, DataError)  # a caller's mistake, not bad data
 
 
@@ -544,6 +588,16 @@ def test_collate_right_pads_with_mask_and_ignored_labels():
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 2, 3], [4, 5, PAD]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
     assert torch.equal(batch["labels"], torch.tensor([[-100, 2, 3], [4, 5, -100]]))
+
+
+def test_collate_gives_packed_rows_their_positions_and_padding_continues_them():
+    batch = collate(make_sequences(THREE_DOCUMENTS, seq_len=8, packing="documents"), pad_token_id=PAD)
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels", "position_ids"]
+    assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]]))
+    assert torch.equal(batch["attention_mask"][1], torch.tensor([1, 1, 0, 0, 0, 0, 0, 0]))
+    assert batch["position_ids"].dtype == torch.long
+    # Rows of one stream carry no positions: the engine counts 0..T-1.
+    assert "position_ids" not in collate(make_sequences(THREE_DOCUMENTS, seq_len=8, packing="concat"), pad_token_id=PAD)
 
 
 def test_collate_pads_with_the_given_id_and_checks_it():

@@ -9,6 +9,7 @@ with messages that name the command-line option, as users of both the CLI and th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.core.config import OptionNames, check_choice, check_engine_settings
 from chunkwise.core.names import OBJECTIVE_NAMES, SAMPLING_POLICIES
-from chunkwise.data.names import PACKING_MODES, SYNTHETIC
+from chunkwise.data.names import DEPRECATED_PACKING, PACKING_MODES, SYNTHETIC
 from chunkwise.models.names import DEMO_MODEL
 from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_quantized_training
 from chunkwise.utils.precision import PRECISIONS
@@ -158,8 +159,11 @@ class TrainConfig:
     """Files read from a --data or --eval-data folder, one document each: comma-separated patterns matched in
     every subfolder (default *.txt; e.g. "*.txt,*.md")."""
     packing: str | None = None
-    """"pack" (concatenate documents, cut into seq_len blocks; default for text) or "truncate" (one
-    sequence per document; default for instruction data)."""
+    """"documents" (default for text: several whole documents per row, kept apart: positions restart at 0
+    and attention stops at each document start; a document longer than seq_len is cut into pieces, each
+    its own document), "concat" (documents concatenated and cut into seq_len blocks: a document attends to
+    the ones before it in its row and its positions continue theirs) or "truncate" (one row per document,
+    cut at seq_len; default for instruction data). "pack" is the old name of concat (deprecated)."""
     checkpoint_every: int = 100
     """Write a checkpoint every N steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = 1
@@ -218,8 +222,10 @@ class TrainConfig:
             chunk_size=1024, seq_len=4096, batch_size=1, steps=1000, warmup_ratio=0.05, adam_beta2=0.999,
             eval_every=100 if self.eval_data or self.eval_fraction else 0,
             lr=2e-4 if lora_r else 2e-5, lora_r=lora_r, lora_alpha=2 * lora_r,
-            packing="truncate" if self.prompt_field or self.messages_field or self.objective != "cross-entropy" else "pack",
+            packing="truncate" if self.prompt_field or self.messages_field or self.objective != "cross-entropy" else "documents",
         )
+        if settings["packing"] in DEPRECATED_PACKING:
+            settings["packing"] = _renamed_packing(settings["packing"])
         if self.objective != "cross-entropy":
             defaults.update(beta=2.0 if self.objective == "simpo" else 0.1, prompt_field="prompt")
         for name, value in defaults.items():
@@ -327,6 +333,16 @@ class TrainConfig:
             raise ValueError(f"--beta must be a positive number, got {self.beta}")
         if self.objective == "simpo" and self.ref_model is not None:
             raise ValueError("--objective simpo is reference-free; drop --ref-model")
+
+
+def _renamed_packing(old: str) -> str:
+    """The mode a deprecated --packing name means, with a one-line warning (an old run's run.json may still say it)."""
+    new = DEPRECATED_PACKING[old]
+    # A logged warning, not `warnings.warn`: on the command line it is one line (no source line under it).
+    logging.getLogger(__name__).warning(
+        f"--packing {old} is the old name of --packing {new} (documents concatenated, attending across their boundaries); it "
+        f"runs as {new}. The default is now documents (kept apart); say --packing {new} or documents")
+    return new
 
 
 @dataclass

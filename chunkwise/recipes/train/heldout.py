@@ -5,7 +5,8 @@
 * `--eval-data PATH`: any data `--data` takes (text, JSONL with a text or prompt/response fields,
   json/csv/parquet, a `save_to_disk` folder, a hub dataset), read with the training run's tokenizer,
   fields, `--seq-len` and `--packing`, so the held-out loss is measured on rows shaped like the training
-  rows and is comparable with the training loss;
+  rows and is comparable with the training loss (packed rows, `--packing documents`, are scored with their
+  `position_ids`: each document sees only itself, as in training);
 * without it, on the synthetic task: 32 sequences of a generator stream training never reads.
 
 Scoring is `chunkwise eval`'s: chunk by chunk through a KV cache without autograd

@@ -275,7 +275,8 @@ class TrainRecipe:
         trainable = sum(n for n, grad in sizes if grad)
         total = sum(n for n, _ in sizes)
         unit = "sequences" if config.objective == "cross-entropy" else "preference pairs"
-        what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({len(self.data)} {unit})"
+        packing = f", --packing {config.packing}" if config.objective == "cross-entropy" else ""
+        what = "synthetic key→value recall" if config.data == SYNTHETIC else f"{config.data} ({len(self.data)} {unit}{packing})"
         method = config.method + (f" (budget {config.budget}, {config.sampling})" if config.method == "spaco" else "")
         if config.objective != "cross-entropy":
             reference = "" if config.objective == "simpo" else f", reference {config.ref_model or ('the base model (adapter disabled)' if config.lora_r else 'a frozen copy of --model')}"

@@ -21,7 +21,7 @@ from chunkwise.core.objectives import OBJECTIVES, Objective
 from chunkwise.core.reference import ADAPTER_DISABLED, resolve_reference
 from chunkwise.data.preferences import read_preference_pairs
 from chunkwise.data.files import load_records
-from chunkwise.data.sequences import hold_out, pad_token_id, read_sequences, sequences_from_records
+from chunkwise.data.sequences import canonical_packing, hold_out, pad_token_id, read_sequences, sequences_from_records
 from chunkwise.data.synthetic import SYNTHETIC
 from chunkwise.models.loading import (
     add_lora,
@@ -69,6 +69,8 @@ def check_resume_settings(config: TrainConfig, output: Path) -> None:
     """
     record = read_run_record(output)
     saved, saved_paths = record["config"], record.get("paths", {})
+    if saved.get("packing") is not None:  # a run started before `pack` became `concat` resumes as it trained
+        saved = {**saved, "packing": canonical_packing(saved["packing"])}
     current = dataclasses.asdict(config)
     current_paths = resolved_paths(current)
     if saved.get("steps") != config.steps:
@@ -85,8 +87,6 @@ def check_resume_settings(config: TrainConfig, output: Path) -> None:
         listing = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in changed)
         raise ValueError(f"--resume with different settings than the run in {output} was started with ({listing}); "
                          "resume with the same settings or start a new run")
-
-
 
 
 # ----- what the model's config decides ---------------------------------------------------------------

@@ -25,7 +25,13 @@ from chunkwise.utils.memory import peak_memory_bytes
 def full_backward(model: torch.nn.Module, batch: dict, num_items: float, objective: Objective | None = None, policy: Policy | None = None):
     """Ordinary backprop of one micro-batch's loss over `num_items`; returns the detached loss and the
     objective's metrics. Cross-entropy by default; another objective runs on the full sequence's logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:
+        # Packed documents: transformers finds the documents from the restarts of position_ids, but only
+        # without a 2-D mask and without a cache. Right padding continues the last document's positions and
+        # comes after every real token, so no real token can see it: the mask is not needed.
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if objective is None:
         loss = sequence_loss(logits, batch["labels"], num_items=num_items)
         loss.backward()
@@ -54,8 +60,10 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
             if engine is None:
                 loss, extra = full_backward(model, batch, num_items, objective, policy)
             else:
+                # position_ids only with packed documents (they restart at each document start).
+                packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
                 out = engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
-                                      num_items=num_items, objective=objective)
+                                      num_items=num_items, objective=objective, **packed)
                 loss, extra = out.loss, out.metrics
         total += float(loss)
         for key, value in extra.items():
@@ -65,12 +73,16 @@ def step_backward(model, engine, batches: list[dict], *, num_items: float, autoc
 
 
 def _pad_to(batch: dict, width: int, pad: int) -> dict:
-    """Right-pad a collated batch (`input_ids`, `attention_mask`, `labels`, each `[B, T]`) to `[B, width]`."""
+    """Right-pad a collated batch (`input_ids`, `attention_mask`, `labels`, each `[B, T]`; `position_ids` if packed) to `[B, width]`."""
     extra = width - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
     fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
-    return {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) for key, value in batch.items()}
+    padded = {key: torch.nn.functional.pad(value, (0, extra), value=fill[key]) for key, value in batch.items() if key in fill}
+    if "position_ids" in batch:  # padding continues each row's last positions, as `collate` pads them
+        positions = batch["position_ids"]
+        padded["position_ids"] = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1)
+    return padded
 
 
 def count_items(batch: dict, objective: Objective | None) -> int:

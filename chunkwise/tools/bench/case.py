@@ -53,6 +53,9 @@ class StepOptions:
     """The engines' `attention` option (seco, spaco): "chunkwise" or "model"."""
     offload_kv: bool = False
     """The engines' `offload_kv` option (seco, spaco)."""
+    documents: tuple[int, ...] | None = None
+    """A packed row: its documents' lengths in row order (they fill the row), passed as `position_ids` restarting
+    at 0 at each, so attention stays inside each document; None: one document per row (attention across it all)."""
 
     def check_options(self, *, counts: tuple[str, ...] = ()) -> None:
         """ValueError naming the first bad option; `counts` are the caller's own fields that must be >= 1."""
@@ -65,6 +68,10 @@ class StepOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.lora_r < 0:
             raise ValueError("warmup and lora_r must be >= 0")
+        if self.documents is not None:
+            object.__setattr__(self, "documents", tuple(self.documents))  # a list, read back from JSON
+            if not self.documents or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.documents):
+                raise ValueError(f"documents must be positive lengths, got {list(self.documents)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +89,8 @@ class BenchCase(StepOptions):
         self.check_options(counts=("seq_len",))
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        if self.documents is not None and sum(self.documents) != self.seq_len:
+            raise ValueError(f"the documents' lengths add up to {sum(self.documents)} tokens, not the row's {self.seq_len}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +119,13 @@ class BenchSettings(StepOptions):
             raise ValueError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
         if self.memory_cap is not None and self.memory_cap <= 0:
             raise ValueError(f"memory_cap must be a positive number of bytes, got {self.memory_cap}")
-        self.case("full", 2)  # checks the per-case fields (chunk size, budget, dtype, repeats, ...)
+        if self.documents is not None:
+            if set(self.lengths) != {sum(self.documents)}:
+                raise ValueError(f"with documents the row is their sum, {sum(self.documents)} tokens; give that length or none, "
+                                 f"not {', '.join(map(str, self.lengths))}")
+            if self.max_memory is not None:
+                raise ValueError("the longest-sequence search (max_memory) grows rows of one document; drop documents or max_memory")
+        self.case("full", self.lengths[0])  # checks the per-case fields (chunk size, budget, dtype, repeats, documents, ...)
 
     def case(self, method: str, seq_len: int, **overrides) -> BenchCase:
         """The case of `method` at `seq_len` with this run's options (`overrides` replace some)."""
@@ -127,6 +142,8 @@ class CaseResult:
         status: "ok", "oom" (out of memory, including a child killed by SIGKILL), "error" or "timeout".
         time_s: median step time over the measured steps (None unless ok).
         step_times_s: every measured step's time.
+        step_cpu_s: every measured step's CPU time (this process, all its threads): with one thread, the step's
+            work whatever else the machine runs, where wall time grows with the machine's load.
         peak_memory_bytes: peak memory above the baseline over the measured steps (None unless ok).
         step_peaks_bytes: each measured step's peak above the baseline.
         baseline_bytes: memory at the baseline (model loaded, one priming step run, gradients freed).
@@ -143,6 +160,7 @@ class CaseResult:
     status: str
     time_s: float | None = None
     step_times_s: list[float] = field(default_factory=list)
+    step_cpu_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None
     step_peaks_bytes: list[int] = field(default_factory=list)
     baseline_bytes: int | None = None

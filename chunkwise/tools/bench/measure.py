@@ -98,14 +98,35 @@ def describe_model(model: torch.nn.Module) -> dict:
 # ----- the step of each method -----------------------------------------------------------------------
 
 
+def packed_inputs(documents: tuple[int, ...] | None, input_ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """`({"position_ids": [B, T]} restarting at 0 at each document, or {} for one stream}, labels [B, T])`.
+
+    The labels are the tokens, IGNORE_INDEX on each document's first one, so that no document's last token
+    predicts the next document (what the engine does by itself without labels; full backprop needs it said).
+    """
+    from chunkwise.core.loss import IGNORE_INDEX
+
+    if documents is None:
+        return {}, input_ids
+    positions = torch.cat([torch.arange(n) for n in documents]).to(input_ids.device).expand_as(input_ids)
+    labels = input_ids.masked_fill(positions == 0, IGNORE_INDEX)
+    return {"position_ids": positions}, labels
+
+
 def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor], tuple[float, int | None]]:
-    """The training (or inference) step of `case.method`; it returns (loss, chunks backpropagated)."""
+    """The training (or inference) step of `case.method`; it returns (loss, chunks backpropagated).
+
+    With `case.documents` every method reads the row as packed documents: `position_ids` restarting at each
+    (transformers' per-document mask for forward/full/ckpt, the engines' per-document attention for the rest).
+    """
     from chunkwise.core.config import ChunkwiseConfig
     from chunkwise.core.loss import sequence_loss
 
     def full_loss(input_ids: torch.Tensor) -> torch.Tensor:
-        # use_cache=False: ordinary training builds no KV cache (and checkpointing refuses one).
-        return sequence_loss(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+        # use_cache=False: ordinary training builds no KV cache (and checkpointing refuses one); without a
+        # cache and a 2-D mask transformers reads the documents from position_ids.
+        packed, labels = packed_inputs(case.documents, input_ids)
+        return sequence_loss(model(input_ids=input_ids, use_cache=False, **packed).logits, labels)
 
     if case.method == "forward":
 
@@ -128,7 +149,8 @@ def make_step(case: BenchCase, model: torch.nn.Module) -> Callable[[torch.Tensor
     engine = settings.make_engine(model, full_loss=case.method == "spaco")
 
     def chunkwise_step(input_ids):
-        out = engine.backward(input_ids)
+        packed, _ = packed_inputs(case.documents, input_ids)  # the engine masks each document's last target itself
+        out = engine.backward(input_ids, **packed)
         return out.loss.item(), len(out.selected)
 
     return chunkwise_step
@@ -196,10 +218,11 @@ def measure_on(model: torch.nn.Module, case: BenchCase, meter, result: CaseResul
             model.zero_grad(set_to_none=True)  # free the last step's gradients before the peak is reset
             meter.reset_peak()
             _synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             result.loss, result.backprop_chunks = step(input_ids)
             _synchronize(device)
             result.step_times_s.append(time.perf_counter() - start)
+            result.step_cpu_s.append(time.process_time() - cpu_start)
             result.step_peaks_bytes.append(max(0, meter.peak() - baseline))
     except Exception as error:  # MemoryError is an Exception too
         _record_oom(result, error)
@@ -233,7 +256,7 @@ def _set_up(case: BenchCase, model: torch.nn.Module, device: torch.device, resul
     # Priming: one step on 16 tokens in 4 chunks (budget 1 for spaco, so that both its backpropagated and
     # its report-only chunks run) loads code, starts thread pools and sets up allocators before the
     # baseline is taken.
-    prime = replace(case, seq_len=16, chunk_size=4, budget=1)
+    prime = replace(case, seq_len=16, chunk_size=4, budget=1, documents=None if case.documents is None else (8, 8))
     make_step(prime, model)(_random_tokens(prime, vocab_size, 16, device))
     return make_step(case, model), _random_tokens(case, vocab_size, case.seq_len, device)
 

@@ -72,6 +72,13 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}" if value is not None and reference else "–"
 
 
+def _describe_documents(documents: tuple[int, ...] | None) -> str:
+    if documents is None:
+        return ""
+    return (f" Packed row: {len(documents)} documents of {', '.join(map(str, documents))} tokens, position_ids restarting "
+            "at each (per-document attention).")
+
+
 def markdown_table(report: BenchReport) -> str:
     """Method × length: step time, peak memory above the baseline, and both as ratios to `full`."""
     s = report.settings
@@ -81,7 +88,7 @@ def markdown_table(report: BenchReport) -> str:
         f"{info.get('trainable_parameters', 0) / 1e6:.1f}M trainable), {s.dtype} on {report.machine['device_name']}; "
         f"batch {s.batch_size}, chunk size {s.chunk_size}, SpaCO budget {s.budget} (uniform), "
         f"{s.attention} attention in the engines{', KV offloaded to the host' if s.offload_kv else ''}; "
-        f"median of {s.repeats} step(s) after {s.warmup} warmup step(s).",
+        f"median of {s.repeats} step(s) after {s.warmup} warmup step(s).{_describe_documents(s.documents)}",
         "",
         "| method | length | chunks | step time (s) | time × full | peak memory (MiB) | memory × full |",
         "|---|---:|---:|---:|---:|---:|---:|",

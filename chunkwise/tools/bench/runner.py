@@ -134,7 +134,8 @@ def _source_revision() -> str | None:
 def _log_result(result: CaseResult, log: Callable[[str], None], prefix: str = "") -> None:
     case = result.case
     if result.ok:
-        detail = f"{result.time_s:.3f} s/step, peak +{result.peak_memory_bytes / MiB:.1f} MiB"
+        cpu = f" (CPU {sorted(result.step_cpu_s)[len(result.step_cpu_s) // 2]:.3f} s)" if result.step_cpu_s else ""
+        detail = f"{result.time_s:.3f} s/step{cpu}, peak +{result.peak_memory_bytes / MiB:.1f} MiB"
     else:
         detail = f"{result.status.upper()}: {result.error}"
     log(f"{prefix}{case.method:>7} @ {case.seq_len:>6} tokens: {detail}")
