@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,16 +86,20 @@ def test_concat_is_the_old_concatenation_and_passes_no_positions(tmp_path, model
 def test_pack_runs_as_concat_with_a_one_line_warning_and_old_runs_resume(tmp_path, model_dir, documents_file, caplog):
     output = tmp_path / "old"
     with caplog.at_level(logging.WARNING, logger="chunkwise.recipes.train.config"):
-        train(settings(output, model_dir, documents_file, packing="pack"))
+        train(settings(output, model_dir, documents_file, packing="pack", steps=3, checkpoint_every=2, keep_checkpoints=2))
     (message,) = caplog.messages
     assert message.startswith("--packing pack is the old name of --packing concat") and "\n" not in message
     assert run_settings(output)["packing"] == "concat"
-    # A run started before the rename says "pack" in its run.json: it resumes, as concat.
+    # A run started before the rename says "pack" in its run.json: cut back to its step-2 checkpoint (as an
+    # interruption leaves it), it resumes, as concat, and redoes step 3.
     record = json.loads((output / "chunkwise_run.json").read_text())
     record["config"]["packing"] = "pack"
     (output / "chunkwise_run.json").write_text(json.dumps(record))
-    assert main(["train", "--output", str(output), "--resume", "--steps", "3"]) == 0
+    shutil.rmtree(output / "checkpoints" / "step-000003")
+    shutil.rmtree(output / "model")
+    assert main(["train", "--output", str(output), "--resume"]) == 0
     assert sum('"train"' in line for line in (output / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (output / "model").is_dir()
 
 
 def test_bad_packing_is_refused_in_one_line(tmp_path, model_dir, documents_file, capsys):
