@@ -266,7 +266,7 @@ def train(given: dict) -> int:
     from chunkwise.recipes.train.recipe import train as run_training
 
     try:
-        result = run_training(config)
+        result = run_training(config, log=environment.hinted(print))
     except TrainingError as error:
         print(f"chunkwise train: {error}", file=sys.stderr)
         return 1
@@ -313,7 +313,7 @@ def evaluate(given: dict) -> int:
     config = EvalConfig(**given, seq_len=lengths[0] if lengths else None)
     check_settings(config)
     environment.torch_ready()
-    report = run_evaluation(config, log=lambda line: print(line, file=sys.stderr))
+    report = run_evaluation(config, log=environment.hinted(lambda line: print(line, file=sys.stderr)))
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
         return 0
@@ -337,7 +337,7 @@ def probe(given: dict, *, task: str, depths: str | None, num_probes: int | None,
         chunk_size=given["chunk_size"], dtype=given["dtype"], device=given["device"], seed=given["seed"],
         allow_extrapolation=given["allow_extrapolation"],
     )
-    report = run_probes(config, log=lambda line: print(line, file=sys.stderr))
+    report = run_probes(config, log=environment.hinted(lambda line: print(line, file=sys.stderr)))
     paths = write_report(report, Path(output or "probe-results"))
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))

@@ -1,7 +1,9 @@
 """The process a command runs in: the libraries' chatter kept off the screen (unless `--debug`), and torch's CPU threads.
 
 `configure` runs first, before anything heavy is imported (a logger's level set then holds when the library loads);
-`torch_ready` runs in a command once it has checked its arguments and is about to use torch.
+`torch_ready` runs in a command once it has checked its arguments and is about to use torch. The thread hint it
+finds waits for the command's first line of output (`hinted`), or for the command's end (`flush_hint`): a setting
+refused after torch loads (a length above the model's limit, ...) stays a one-line error.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ QUIET_LOGGERS = {
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
 }
 
-_settings = {"quiet": True, "threads": None}
+_settings = {"quiet": True, "threads": None, "hint": None}
 
 
 def configure(*, debug: bool, threads: int | None) -> None:
     """Quiet the libraries unless `debug`; remember `threads` (torch's CPU threads) for `torch_ready`."""
-    _settings.update(quiet=not debug, threads=threads)
+    _settings.update(quiet=not debug, threads=threads, hint=None)
     if debug:
         return
     for name, level in QUIET_LOGGERS.items():
@@ -55,7 +57,22 @@ def torch_ready() -> None:
             enable_progress_bars()  # a download of gigabytes keeps its progress (transformers turned it off with its own)
     hint = thread_hint(torch.get_num_threads(), cuda=torch.cuda.is_available(), given=_settings["threads"] is not None)
     if hint and os.environ.get("RANK", "0") == "0":
+        _settings["hint"] = hint
+
+
+def flush_hint() -> None:
+    """Print the thread hint if `torch_ready` found one and nothing has printed it yet (on stderr)."""
+    hint, _settings["hint"] = _settings["hint"], None
+    if hint:
         print(hint, file=sys.stderr)
+
+
+def hinted(log):
+    """`log`, printing the pending thread hint before its first line: the hint comes once the command runs."""
+    def log_with_hint(line):
+        flush_hint()
+        log(line)
+    return log_with_hint
 
 
 def free_cores() -> tuple[int, int, float]:

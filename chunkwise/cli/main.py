@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     environment.configure(debug=args.debug, threads=threads)
     try:
-        return COMMANDS[args.command](options)
+        code = COMMANDS[args.command](options)
+        environment.flush_hint()  # a command that printed no line through `environment.hinted` (verify, plan, ...)
+        return code
     except KeyboardInterrupt:
         # A second Ctrl-C during training (the first one asks for a checkpoint and a clean stop).
         print(f"chunkwise {args.command}: stopped by Ctrl-C; the last complete checkpoint, if any, is intact", file=sys.stderr)

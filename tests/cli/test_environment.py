@@ -60,3 +60,20 @@ def test_a_hint_when_torch_runs_more_threads_than_there_are_free_cores(monkeypat
     assert environment.thread_hint(1, cuda=False, given=False) is None
     monkeypatch.setattr(environment, "free_cores", lambda: (8, 4, 3.8))
     assert environment.thread_hint(4, cuda=False, given=False) is None
+
+
+def test_the_hint_waits_for_the_run_so_that_a_late_error_stays_one_line(monkeypatch, capsys, tmp_path):
+    """On a busy CPU the hint is due, but a setting refused after torch loads (here a length above the model's
+    position limit) is still the only line; a command that runs prints the hint once, before its own lines."""
+    monkeypatch.setattr(environment, "free_cores", lambda: (2, 1, 1.5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["train", "--model", "tiny-llama", "--seq-len", "5000", "--output", str(tmp_path / "run")]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("chunkwise train: error: --seq-len 5000 is above the model's position limit")
+        assert main(["verify", "--seq-len", "16", "--chunk-size", "4"]) == 0
+        hints = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: torch runs 2 CPU threads")]
+        assert len(hints) == 1
+    finally:
+        torch.set_num_threads(before)
