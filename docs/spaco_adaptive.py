@@ -137,44 +137,35 @@ def step_times(rounds: int, warmup: int = 2) -> dict:
     """Mean seconds per optimizer step of seco, uniform, bernoulli and adaptive (t = 2), interleaved round-robin
     on the same batches, one thread, the demo's model in float32: on the recall batches and on the same
     sequences with every token a target (dense). Also the seconds `adaptive` spends in its decisions."""
-    engines = {}
+    from spaco_quality import timed_decisions
+
     model = build_tiny_model("demo-llama")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engines = {"seco": SeCO(model, chunk_size=CHUNK),
                "uniform": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, seed=0),
                "bernoulli": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="bernoulli", seed=0),
                "adaptive": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="adaptive", seed=0)}
-    decide, deciding = AdaptivePlan.decide, [0.0]
-
-    def timed_decide(plan, chunk, state):
-        started = time.perf_counter()
-        try:
-            return decide(plan, chunk, state)
-        finally:
-            deciding[0] += time.perf_counter() - started
-
-    AdaptivePlan.decide = timed_decide
     results = {}
-    for task in ("recall", "dense"):
-        times, chunks = {name: [] for name in engines}, {name: [] for name in engines}
-        for round_ in range(warmup + rounds):
-            if round_ == warmup:
-                deciding[0] = 0.0
-            for name, engine in engines.items():
-                started = time.perf_counter()
-                batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
-                labels = batch["input_ids"] if task == "dense" else batch["labels"]
-                out = engine.backward(batch["input_ids"], labels=labels)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if round_ >= warmup:
-                    times[name].append(time.perf_counter() - started)
-                    chunks[name].append(len(out.selected))
-        results[task] = {name: {"seconds": sum(v) / len(v), "chunks_backpropagated": sum(chunks[name]) / len(v)}
-                         for name, v in times.items()}
-        results[task]["adaptive"]["decision_seconds"] = deciding[0] / rounds
-        print(task, json.dumps(results[task]), flush=True)
-    AdaptivePlan.decide = decide
+    with timed_decisions() as deciding:
+        for task in ("recall", "dense"):
+            times, chunks = {name: [] for name in engines}, {name: [] for name in engines}
+            for round_ in range(warmup + rounds):
+                if round_ == warmup:
+                    deciding[0] = 0.0
+                for name, engine in engines.items():
+                    started = time.perf_counter()
+                    batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
+                    labels = batch["input_ids"] if task == "dense" else batch["labels"]
+                    out = engine.backward(batch["input_ids"], labels=labels)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if round_ >= warmup:
+                        times[name].append(time.perf_counter() - started)
+                        chunks[name].append(len(out.selected))
+            results[task] = {name: {"seconds": sum(v) / len(v), "chunks_backpropagated": sum(chunks[name]) / len(v)}
+                             for name, v in times.items()}
+            results[task]["adaptive"]["decision_seconds"] = deciding[0] / rounds
+            print(task, json.dumps(results[task]), flush=True)
     return results
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -80,11 +81,32 @@ TIMING_ROUNDS, TIMING_WARMUP = int(os.environ.get("SPACO_TIMING_ROUNDS", 40)), 3
 # ----- step-time ratios, interleaved ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def timed_decisions():
+    """Count the seconds spent inside `AdaptivePlan.decide` (its relay norms included) while the block runs: yields
+    a one-item list holding the running total (reset it to 0.0 after warm-up)."""
+    from chunkwise.core.sampling import AdaptivePlan
+
+    decide, deciding = AdaptivePlan.decide, [0.0]
+
+    def timed_decide(plan, chunk, state):
+        started = time.perf_counter()
+        try:
+            return decide(plan, chunk, state)
+        finally:
+            deciding[0] += time.perf_counter() - started
+
+    AdaptivePlan.decide = timed_decide
+    try:
+        yield deciding
+    finally:
+        AdaptivePlan.decide = decide
+
+
 def measure_step_times(methods=tuple(METHODS)) -> dict[str, float]:
     """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin;
     under "adaptive-decisions", the seconds per step `adaptive` spends deciding (inside its steps)."""
     from chunkwise import SeCO, SpaCO
-    from chunkwise.core.sampling import AdaptivePlan
     from chunkwise.data.synthetic import DEMO_TASK
     from chunkwise.models.presets import build_tiny_model
     from chunkwise.recipes.train.step import full_backward
@@ -102,33 +124,22 @@ def measure_step_times(methods=tuple(METHODS)) -> dict[str, float]:
     }
     engines = {name: engine for name, engine in engines.items() if name in methods}
     times = {name: [] for name in engines}
-    deciding = [0.0]  # seconds inside AdaptivePlan.decide (its relay norms included)
-    decide = AdaptivePlan.decide
-
-    def timed_decide(plan, chunk, state):
-        started = time.perf_counter()
-        try:
-            return decide(plan, chunk, state)
-        finally:
-            deciding[0] += time.perf_counter() - started
-
-    AdaptivePlan.decide = timed_decide
-    for round_ in range(TIMING_WARMUP + TIMING_ROUNDS):
-        for name, engine in engines.items():
-            started = time.perf_counter()
-            batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
-            targets = float((batch["labels"][:, 1:] != -100).sum())
-            if engine is None:
-                full_backward(model, batch, targets)
-            else:
-                engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=targets)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if round_ >= TIMING_WARMUP:
-                times[name].append(time.perf_counter() - started)
-        if round_ == TIMING_WARMUP - 1:
-            deciding[0] = 0.0
-    AdaptivePlan.decide = decide
+    with timed_decisions() as deciding:
+        for round_ in range(TIMING_WARMUP + TIMING_ROUNDS):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
+                targets = float((batch["labels"][:, 1:] != -100).sum())
+                if engine is None:
+                    full_backward(model, batch, targets)
+                else:
+                    engine.backward(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"], num_items=targets)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if round_ >= TIMING_WARMUP:
+                    times[name].append(time.perf_counter() - started)
+            if round_ == TIMING_WARMUP - 1:
+                deciding[0] = 0.0
     means = {name: statistics.fmean(values) for name, values in times.items()}
     if "adaptive" in engines:
         means["adaptive-decisions"] = deciding[0] / TIMING_ROUNDS
