@@ -304,6 +304,8 @@ def evaluate(given: dict) -> int:
         asked = [name for name in QUANTIZATION_FIELDS if name in given]
         if asked:
             raise UsageError(f"--{asked[0].replace('_', '-')} applies to --task lm; probes load a run's base as it was trained")
+        if given.pop("pair_depth") is not None:
+            raise UsageError("--pair-depth places the synthetic task's pairs (--task lm); the probes place their needles with --depths")
         return probe(given, task=task, depths=depths, num_probes=num_probes, output=output, as_json=as_json)
     if depths is not None or num_probes is not None or output is not None:
         raise UsageError("--depths, --num-probes and --output apply to --task passkey or needle")

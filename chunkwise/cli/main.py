@@ -25,6 +25,7 @@ from chunkwise.cli.options import (
     UsageError, add_config_options, chunk_size_option, command_line_spelling, documents_option, lengths_option,
 )
 from chunkwise.data.files import DataError
+from chunkwise.data.names import PAIR_DEPTHS
 from chunkwise.models.quantize import Quantization
 from chunkwise.recipes.checkpoint import CheckpointError
 from chunkwise.recipes.train.config import TrainConfig
@@ -215,6 +216,8 @@ def _add_eval(subparsers, shared: dict) -> None:
                        "(default: all); --task passkey/needle: comma-separated probe lengths (default 4096)")
     evaluate.add_argument("--chunk-size", type=int, default=1024, help="tokens per inference chunk (default 1024)")
     evaluate.add_argument("--num-sequences", type=int, default=32, help="synthetic: held-out sequences (default 32)")
+    evaluate.add_argument("--pair-depth", choices=PAIR_DEPTHS, default=None,
+                          help="synthetic: where the key→value pairs sit, start or random (default: the run's, else start)")
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
                           help="precision of the model's weights (default float32)")
     evaluate.add_argument("--allow-extrapolation", action="store_true", help="score documents longer than the model's position limit")

@@ -3,6 +3,9 @@ before torch is imported (`chunkwise.data.synthetic` and `chunkwise.data.sequenc
 
 SYNTHETIC = "synthetic"
 """The `--data` value (and the default without `--data`) that selects `RecallTask`."""
+PAIR_DEPTHS = ("start", "random")
+"""Where `RecallTask` states its key→value pairs: right after <bos> (the demo), or at a uniformly random depth in
+the filler, drawn per sequence (the fact anywhere in the document; the question still at the end)."""
 PACKING_MODES = ("documents", "concat", "truncate")
 """How documents become rows: several whole documents per row kept apart (positions restart, per-document
 attention), concatenated into one stream (cross-document attention), or one (truncated) row per document."""

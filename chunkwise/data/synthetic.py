@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from chunkwise.core.loss import IGNORE_INDEX
-from chunkwise.data.names import SYNTHETIC  # noqa: F401  (re-exported)
+from chunkwise.data.names import PAIR_DEPTHS, SYNTHETIC  # noqa: F401  (SYNTHETIC re-exported)
 from chunkwise.data.sequences import Sequence, collate
 
 
@@ -21,6 +21,9 @@ class RecallTask:
 
         <bos> k₁ v₁ … k_P v_P (× repeats)   f f f … f   ? k_π1 v_π1 … ? k_πP v_πP
         └── the pairs, at the start ──────┘  filler     └── every key queried once, at the end ┘
+
+    With `pair_depth="random"` the block of pairs sits at a depth drawn uniformly per sequence inside the
+    filler (`<bos> f … f k₁ v₁ … f … f ? k …`): the fact anywhere in the document, the question still at the end.
 
     Keys are distinct, values are drawn without replacement, filler tokens are random; a value
     appears nowhere but in the pairs block and in its answer. Only the
@@ -40,6 +43,9 @@ class RecallTask:
     num_values: int = 32
     num_fillers: int = 8
     """Filler symbols; few of them make the values stand out, which lets a small model learn in minutes."""
+    pair_depth: str = "start"
+    """Where the pairs are stated: "start" (right after <bos>) or "random" (a uniformly random depth in the
+    filler, per sequence). "start" sequences are the same whatever this option's history."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "?")
 
@@ -48,6 +54,8 @@ class RecallTask:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RecallTask.{name} must be a positive integer, got {value!r}")
+        if self.pair_depth not in PAIR_DEPTHS:
+            raise ValueError(f"RecallTask.pair_depth must be one of {', '.join(PAIR_DEPTHS)}, got {self.pair_depth!r}")
         if self.num_pairs > min(self.num_keys, self.num_values):
             raise ValueError(f"RecallTask.num_pairs ({self.num_pairs}) cannot exceed num_keys or num_values")
 
@@ -100,11 +108,13 @@ class RecallTask:
         values = (value_base + torch.randperm(self.num_values, generator=generator)[: self.num_pairs]).tolist()
         order = torch.randperm(self.num_pairs, generator=generator).tolist()
 
-        pairs = [bos] + [token for key, value in zip(keys, values) for token in (key, value)] * self.repeats
+        pairs = [token for key, value in zip(keys, values) for token in (key, value)] * self.repeats
         queries = [token for i in order for token in (query, keys[i], values[i])]
-        num_filler = seq_len - len(pairs) - len(queries)
+        num_filler = seq_len - 1 - len(pairs) - len(queries)
         filler = (filler_base + torch.randint(self.num_fillers, (num_filler,), generator=generator)).tolist()
-        input_ids = pairs + filler + queries
+        # Drawn after everything else, so that "start" sequences keep their draws (and the demo its data).
+        depth = 0 if self.pair_depth == "start" else int(torch.randint(num_filler + 1, (), generator=generator))
+        input_ids = [bos] + filler[:depth] + pairs + filler[depth:] + queries
 
         labels = [IGNORE_INDEX] * seq_len
         first_query = seq_len - len(queries)
@@ -134,8 +144,11 @@ DEMO_TASK = RecallTask()
 """The task `chunkwise train` runs without `--data` (and the vocabulary of the demo model)."""
 
 
-def synthetic_task_for(vocab_size: int) -> RecallTask:
-    """The demo task over token ids below `vocab_size`: fewer filler symbols for a smaller vocabulary."""
+def synthetic_task_for(vocab_size: int, pair_depth: str = "start") -> RecallTask:
+    """The demo task over token ids below `vocab_size` (fewer filler symbols for a smaller vocabulary), with its
+    pairs at `pair_depth` ("start" or "random", see `RecallTask.pair_depth`)."""
+    if pair_depth != DEMO_TASK.pair_depth:
+        return dataclasses.replace(synthetic_task_for(vocab_size), pair_depth=pair_depth)
     if vocab_size >= DEMO_TASK.vocab_size:
         return DEMO_TASK
     room = vocab_size - (DEMO_TASK.vocab_size - DEMO_TASK.num_fillers)

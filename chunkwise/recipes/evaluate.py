@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from chunkwise.data.names import PAIR_DEPTHS
+
 
 @dataclass
 class EvalConfig:
@@ -32,6 +34,8 @@ class EvalConfig:
     batch_size: int = 1
     num_sequences: int = 32
     """Synthetic task: held-out sequences to score."""
+    pair_depth: str | None = None
+    """Synthetic task: where the key→value pairs sit, "start" or "random" (default: the run's, else start)."""
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 0
@@ -91,6 +95,8 @@ def check_settings(config: EvalConfig) -> None:
 
     if config.chunk_size < 1 or config.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive integers")
+    if config.pair_depth is not None and config.pair_depth not in PAIR_DEPTHS:
+        raise ValueError(f"--pair-depth must be one of {', '.join(PAIR_DEPTHS)}, got {config.pair_depth!r}")
     check_model_argument(config.model)
 
 
@@ -118,9 +124,10 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
     handle = inspect_causal_lm(model)
     data = config.data or (settings or {}).get("data") or SYNTHETIC
 
-    chance = None
+    chance, described = None, {}
     if data == SYNTHETIC:
-        task = synthetic_task_for(handle.vocab_size)
+        task = synthetic_task_for(handle.vocab_size, config.pair_depth or (settings or {}).get("pair_depth") or "start")
+        described = {"pair_depth": task.pair_depth}
         seq_len = config.seq_len or (settings or {}).get("seq_len") or 2048
         batches = held_out_batches(task, num_sequences=config.num_sequences, batch_size=config.batch_size, seq_len=seq_len, seed=config.seed)
         chance = task.chance_accuracy
@@ -152,5 +159,5 @@ def evaluate(config: EvalConfig, *, log=print) -> EvalReport:
         targets=scores.num_targets, loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy,
         chance_accuracy=chance, peak_memory_bytes=peak_memory_bytes(device), seconds=seconds,
         tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
-        settings={"chunk_size": config.chunk_size, "dtype": config.dtype, "device": str(device)},
+        settings={"chunk_size": config.chunk_size, "dtype": config.dtype, "device": str(device), **described},
     )

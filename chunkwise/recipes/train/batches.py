@@ -15,7 +15,7 @@ class BatchStream:
 
     def __init__(self, config: TrainConfig, sequences: list | None, pad: int, vocab_size: int):
         self.config = config
-        self.task = synthetic_task_for(vocab_size) if sequences is None else None
+        self.task = synthetic_task_for(vocab_size, config.pair_depth) if sequences is None else None
         self.sequences, self.pad = sequences, pad
         self._orders: dict[int, list[int]] = {}
 

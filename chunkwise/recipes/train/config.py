@@ -18,7 +18,7 @@ from pathlib import Path
 from chunkwise.attention.names import ATTENTION_CHOICES
 from chunkwise.core.config import OptionNames, check_choice, check_engine_settings
 from chunkwise.core.names import OBJECTIVE_NAMES, SAMPLING_POLICIES
-from chunkwise.data.names import DEPRECATED_PACKING, PACKING_MODES, SYNTHETIC
+from chunkwise.data.names import DEPRECATED_PACKING, PACKING_MODES, PAIR_DEPTHS, SYNTHETIC
 from chunkwise.models.names import DEMO_MODEL
 from chunkwise.models.quantize import QUANTIZATION_FIELDS, Quantization, check_quantized_training
 from chunkwise.utils.precision import PRECISIONS
@@ -52,7 +52,7 @@ class TrainConfig:
     CHOICES = {
         "method": METHODS, "objective": OBJECTIVE_NAMES, "sampling": SAMPLING_POLICIES, "attention": ATTENTION_CHOICES,
         "dtype": PRECISIONS, "packing": PACKING_MODES, "zero": ZERO_STAGES, **Quantization.CHOICES,
-        "report_to": REPORT_TO,
+        "report_to": REPORT_TO, "pair_depth": PAIR_DEPTHS,
     }
 
     model: str | None = None
@@ -62,6 +62,9 @@ class TrainConfig:
     data: str | None = None
     """.txt file or folder, .jsonl, .json/.csv/.parquet, a `save_to_disk` folder, a hub dataset, or
     "synthetic" (the key→value recall task, generated on the fly; the default)."""
+    pair_depth: str = "start"
+    """The synthetic task only: where each sequence states its key→value pairs, "start" (right after <bos>; the
+    default) or "random" (a uniformly random depth in the filler, drawn per sequence; the question stays at the end)."""
     output: str = "runs/chunkwise"
     """Run directory: metrics.jsonl, loss.png, checkpoints/, model/."""
     method: str = "seco"
@@ -259,6 +262,9 @@ class TrainConfig:
     def _check_data_options(self) -> None:
         """The held-out split, the reporting target and the data-format options that go together."""
         check_choice(self.report_to, self.CHOICES["report_to"], OPTION_NAMES("report_to"))
+        check_choice(self.pair_depth, self.CHOICES["pair_depth"], OPTION_NAMES("pair_depth"))
+        if self.pair_depth != "start" and self.data != SYNTHETIC:
+            raise ValueError(f"--pair-depth places the synthetic task's key→value pairs; --data {self.data} is read as it is: drop --pair-depth")
         if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
             raise ValueError(f"--eval-fraction must be a fraction in [0, 1) of --data's documents, got {self.eval_fraction!r}")
         if self.eval_fraction and self.eval_data is not None:

@@ -116,7 +116,7 @@ class TrainRecipe:
         self.objective = make_objective(config, model, self.handle, device)
         self.data = BatchStream(config, sequences, pad_token_id(tokenizer) if tokenizer is not None else 0, self.handle.vocab_size)
         if self.held_out is None and config.eval_every:  # the synthetic task's own held-out stream
-            task = self.data.task or synthetic_task_for(self.handle.vocab_size)
+            task = self.data.task or synthetic_task_for(self.handle.vocab_size, config.pair_depth)
             self.held_out = synthetic_held_out(task, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
         _, self.autocast_dtype = training_dtypes(config.dtype, device, frozen_base=config.lora_r > 0)
         if not config.resume and dist.is_main:

@@ -71,6 +71,8 @@ def check_resume_settings(config: TrainConfig, output: Path) -> None:
     saved, saved_paths = record["config"], record.get("paths", {})
     if saved.get("packing") is not None:  # a run started before `pack` became `concat` resumes as it trained
         saved = {**saved, "packing": canonical_packing(saved["packing"])}
+    # A setting added after the run started is absent from its record: the run trained with that setting's default.
+    saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig) if field.name not in saved}, **saved}
     current = dataclasses.asdict(config)
     current_paths = resolved_paths(current)
     if saved.get("steps") != config.steps:
