@@ -75,10 +75,10 @@ class VariantPlan(AdaptivePlan):
 
     * `relay_weight` w: the visited share A_j is split w by the relay's norm and 1 - w evenly over chunks <= j
       (s_i = a_i + A_j (w r_i / sum r + (1 - w) / (j + 1)), where any relay arrived; 0 otherwise, as in AdaptivePlan);
-    * `carried_weight` λ: the visited share counts λ A_j (λ < 1: the relay is assumed to carry less than the whole
+    * `visited_weight` λ: the visited share counts λ A_j (λ < 1: the relay is assumed to carry less than the whole
       visited loss's gradient, which on language-model data is mostly local). Where chunks <= j hold no targets
       (recall) only the ratios of the carried scores matter, so λ changes nothing there; λ > 0 keeps q > 0 on a
-      chunk that has a relay and no target;
+      chunk that has a relay and no target (the library's `AdaptiveSampler(carried_weight=λ)` is this rule);
     * `realised`: spare_j = t - (chunks kept after j) - (j + 1) f instead of t - sum_{i>j} q_i: a step that kept
       nothing so far has more budget left. q_j still depends only on what is known before chunk j's draw
       (unbiased, q_j >= f > 0 where s_j > 0), but sum_j q_j <= t no longer holds on every path: E[chunks] is
@@ -86,7 +86,7 @@ class VariantPlan(AdaptivePlan):
     """
 
     relay_weight = 1.0
-    carried_weight = 1.0
+    visited_weight = 1.0
     realised = False
 
     def probability(self, chunk, counts, relay):
@@ -96,7 +96,7 @@ class VariantPlan(AdaptivePlan):
         past = relay[: chunk + 1]
         if past.sum() > 0:
             split = self.relay_weight * past / past.sum() + (1 - self.relay_weight) / (chunk + 1)
-            carried = self.carried_weight * own[chunk + 1 :].sum() * split
+            carried = self.visited_weight * own[chunk + 1 :].sum() * split
         else:
             carried = torch.zeros_like(past)
         score = own[: chunk + 1] + carried
@@ -115,7 +115,8 @@ VARIANTS = {
     "adaptive-floor0.5": (0.5, AdaptivePlan, {}),
     "adaptive-floor1.0": (1.0, AdaptivePlan, {}),
     "adaptive-relay-even-mix": (0.25, VariantPlan, {"relay_weight": 0.5}),
-    "adaptive-carried0.25": (0.25, VariantPlan, {"carried_weight": 0.25}),
+    "adaptive-carried0.25": (0.25, VariantPlan, {"visited_weight": 0.25}),
+    "adaptive-carried0.1": (0.25, VariantPlan, {"visited_weight": 0.1}),
     "adaptive-realised": (0.25, VariantPlan, {"realised": True}),
     "adaptive-realised-floor0.5": (0.5, VariantPlan, {"realised": True}),
 }
