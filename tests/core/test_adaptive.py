@@ -36,20 +36,21 @@ class ForcedPlan(AdaptivePlan):
         return self.forced[len(decisions)] if len(decisions) < len(self.forced) else False
 
 
-def forced_engine(model, forced: list[bool], *, budget: int = BUDGET, chunk_size: int = CHUNK) -> SpaCO:
+def forced_engine(model, forced: list[bool], *, budget: int = BUDGET, chunk_size: int = CHUNK, sampler_options=None) -> SpaCO:
     plan_class = type("Forced", (ForcedPlan,), {"forced": forced})
-    sampler = AdaptiveSampler(budget=budget, seed=0)
+    sampler = AdaptiveSampler(budget=budget, seed=0, **(sampler_options or {}))
     sampler.plan_class = plan_class
     return SpaCO(model, chunk_size=chunk_size, sampling=sampler)
 
 
-def expectation_over_paths(model, input_ids, labels, *, budget: int = BUDGET, chunk_size: int = CHUNK, **options):
+def expectation_over_paths(model, input_ids, labels, *, budget: int = BUDGET, chunk_size: int = CHUNK,
+                           sampler_options=None, **options):
     """E[g_hat] and E[chunks backpropagated] over every decision path, and the number of paths."""
     expected_grads, expected_chunks, paths = None, 0.0, 0
     stack: list[list[bool]] = [[]]
     while stack:
         prefix = stack.pop()
-        engine = forced_engine(model, prefix, budget=budget, chunk_size=chunk_size)
+        engine = forced_engine(model, prefix, budget=budget, chunk_size=chunk_size, sampler_options=sampler_options)
         model.zero_grad(set_to_none=True)
         out = engine.backward(input_ids, labels=labels, **{k: v() if callable(v) else v for k, v in options.items()})
         points = [(q, kept) for _, q, kept in engine.sampler.last_plan.trace if 0 < q < 1]
@@ -78,6 +79,41 @@ def test_every_decision_path_weighted_is_seco(preset, where):
     assert max_relative_error(expected, exact) < 1e-10
     assert chunks <= BUDGET + 1e-12  # docs/spaco.md: sum of q over a path <= t on every path
     assert paths > 2  # the relay made it choose; a policy that never decides would prove nothing here
+
+
+def first_path_qs(model, input_ids, labels, **sampler_options) -> list[tuple[int, float, bool]]:
+    """The (chunk, q, kept) trace of the path that keeps every decision point: each q there depends on the relay."""
+    engine = forced_engine(model, [True] * K, sampler_options=sampler_options)
+    model.zero_grad(set_to_none=True)
+    engine.backward(input_ids, labels=labels)
+    return engine.sampler.last_plan.trace
+
+
+@pytest.mark.parametrize("where", ["last", "everywhere"])
+def test_carried_weight_is_unbiased_and_within_the_budget(where):
+    """carried_weight = λ < 1 (the relay's share of the visited loss scored λ times): every decision path weighted
+    is still SeCO's gradient, and at most t chunks on average."""
+    model = float64_model("tiny-llama")
+    input_ids, labels = batch(where)
+    expected, chunks, paths = expectation_over_paths(model, input_ids, labels, sampler_options={"carried_weight": 0.25})
+    # Measured: ~1e-15 (float64 rounding), as for the default.
+    assert max_relative_error(expected, seco_grads(model, input_ids, labels)) < 1e-10
+    assert chunks <= BUDGET + 1e-12 and paths > 2
+
+
+def test_carried_weight_changes_nothing_where_targets_are_at_the_end_and_evens_q_where_everywhere():
+    """Targets in the last chunk only: the chunks before it are scored by the relay alone, so λ cancels in the split
+    (the same q, to rounding). Targets on every token: their own targets weigh more than the relay's uneven norms,
+    so the full chunks' q (the last one is ragged) are closer to each other."""
+    model = float64_model("tiny-llama")
+    last = batch("last")
+    default, weighted = first_path_qs(model, *last), first_path_qs(model, *last, carried_weight=0.25)
+    assert [(c, kept) for c, _, kept in weighted] == [(c, kept) for c, _, kept in default]
+    assert all(abs(q - p) < 1e-12 for (_, q, _), (_, p, _) in zip(weighted, default))
+    everywhere = batch("everywhere")
+    spread = lambda trace: max(q for c, q, _ in trace if c < K - 1) - min(q for c, q, _ in trace if c < K - 1)
+    # Measured: 6.3e-5 against 1.9e-4 (the tiny model's relay is nearly even).
+    assert spread(first_path_qs(model, *everywhere, carried_weight=0.25)) < 0.5 * spread(first_path_qs(model, *everywhere))
 
 
 def preference_rows():
@@ -211,6 +247,7 @@ def test_full_loss_is_exact_whichever_chunks_stage_2_drops():
 @pytest.mark.parametrize("options, message", [
     ({"budget": 2, "max_compensation": 2.0}, "leave max_compensation unset"),
     ({"budget": 2, "floor": 0.0}, "floor must be in (0, 1]"),
+    ({"budget": 2, "carried_weight": 0.0}, "carried_weight must be in (0, 1]"),
     ({"budget": 0}, "budget must be a positive integer"),
 ])
 def test_bad_options_say_what_to_do(options, message):
