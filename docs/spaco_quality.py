@@ -26,6 +26,10 @@ Tasks:
   first 9 tokens, one labelled answer at the very end. Only the last chunk has a target, and the
   answer can be learnt only through the KV gradient relayed to chunk 0. Held-out accuracy every 25 steps
   (32 sequences, `chunkwise train`'s own evaluation) and at the end on 256 held-out sequences.
+* `random-depth`: the recall task with each sequence's pair block at a uniformly random depth in its filler
+  (`chunkwise train --pair-depth random`): the answer still in the last chunk, the fact in any chunk, so the
+  relay that teaches it ends in a different chunk from sequence to sequence. Scored like `recall`, on 256
+  held-out sequences of the same layout.
 * `dense`: the same sequences with every token a target (language-model style, as the paper trains):
   written to JSONL and trained with `--data`/`--eval-data`, so the held-out curve is the LM loss the
   paper reports; the recall accuracy of the final models is scored afterwards on the 256 sequences.
@@ -76,6 +80,8 @@ METHODS = {
 EVAL_EVERY = 25
 FINAL_SEQUENCES, FINAL_SEED = 256, 12345  # the final held-out set: a stream no training run reads
 TIMING_ROUNDS, TIMING_WARMUP = int(os.environ.get("SPACO_TIMING_ROUNDS", 40)), 3
+TASKS = ("recall", "random-depth", "dense")
+RECALL_TASKS = {"recall": "start", "random-depth": "random"}  # the tasks scored by recall accuracy: their --pair-depth
 
 
 # ----- step-time ratios, interleaved ------------------------------------------------------------------
@@ -103,16 +109,18 @@ def timed_decisions():
         AdaptivePlan.decide = decide
 
 
-def measure_step_times(methods=tuple(METHODS)) -> dict[str, float]:
-    """Mean seconds of one optimizer step per method (batch made, backward, AdamW), interleaved round-robin;
-    under "adaptive-decisions", the seconds per step `adaptive` spends deciding (inside its steps)."""
+def measure_step_times(methods=tuple(METHODS), task: str = "recall") -> dict[str, float]:
+    """Mean seconds of one optimizer step per method (batch made, backward, AdamW) on `task`'s batches (recall or
+    random-depth), interleaved round-robin; under "adaptive-decisions", the seconds per step `adaptive` spends
+    deciding (inside its steps)."""
     from chunkwise import SeCO, SpaCO
-    from chunkwise.data.synthetic import DEMO_TASK
+    from chunkwise.data.synthetic import synthetic_task_for
     from chunkwise.models.presets import build_tiny_model
     from chunkwise.recipes.train.step import full_backward
 
     torch.set_num_threads(1)
     model = build_tiny_model("demo-llama")
+    data = synthetic_task_for(model.config.vocab_size, RECALL_TASKS[task])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engines = {
         "full": None,
@@ -128,7 +136,7 @@ def measure_step_times(methods=tuple(METHODS)) -> dict[str, float]:
         for round_ in range(TIMING_WARMUP + TIMING_ROUNDS):
             for name, engine in engines.items():
                 started = time.perf_counter()
-                batch = DEMO_TASK.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
+                batch = data.batch(round_, batch_size=BATCH, seq_len=SEQ_LEN, seed=0)
                 targets = float((batch["labels"][:, 1:] != -100).sum())
                 if engine is None:
                     full_backward(model, batch, targets)
@@ -171,6 +179,8 @@ def run_command(task: str, method: str, seed: int, steps: int, output: Path, dat
     options = DEMO_OPTIONS if lr is None else [lr if previous == "--lr" else value for previous, value in zip(["", *DEMO_OPTIONS], DEMO_OPTIONS)]
     command = ["chunkwise", "train", *METHODS[method], *options, "--steps", str(steps), "--seed", str(seed),
                "--eval-every", str(EVAL_EVERY), "--checkpoint-every", "0", "--no-progress", "--output", str(output), "--overwrite"]
+    if task == "random-depth":
+        command += ["--pair-depth", "random"]
     if task == "dense":
         train_file, held_out = data
         command += ["--model", "demo-llama", "--lora-r", "0", "--data", str(train_file), "--eval-data", str(held_out),
@@ -188,19 +198,21 @@ def run_one(command: list[str], log_path: Path) -> float:
 
 
 @torch.no_grad()
-def final_accuracy(run: Path) -> dict:
-    """Answer accuracy and loss of the run's final model on `FINAL_SEQUENCES` held-out recall sequences."""
+def final_accuracy(run: Path, task: str = "recall") -> dict:
+    """Answer accuracy and loss of the run's final model on `FINAL_SEQUENCES` held-out sequences of `task` (recall
+    or random-depth; the dense runs are scored on recall)."""
     from transformers.utils import logging as hf_logging
 
     from chunkwise.core.handle import inspect_causal_lm
     from chunkwise.core.inference import score_batches
-    from chunkwise.data.synthetic import DEMO_TASK, held_out_batches
+    from chunkwise.data.synthetic import held_out_batches, synthetic_task_for
     from chunkwise.recipes.run import load_trained_model
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # a thread team waits on the slowest thread: on a busy machine one thread is faster
     model, _, _ = load_trained_model(str(run))
-    batches = held_out_batches(DEMO_TASK, num_sequences=FINAL_SEQUENCES, batch_size=BATCH, seq_len=SEQ_LEN, seed=FINAL_SEED)
+    data = synthetic_task_for(model.config.vocab_size, RECALL_TASKS.get(task, "start"))
+    batches = held_out_batches(data, num_sequences=FINAL_SEQUENCES, batch_size=BATCH, seq_len=SEQ_LEN, seed=FINAL_SEED)
     scores, _ = score_batches(inspect_causal_lm(model.eval()), batches, chunk_size=CHUNK, device=torch.device("cpu"))
     return {"accuracy": scores.accuracy, "loss": scores.loss}
 
@@ -296,7 +308,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(task, budget) for task in ("recall", "dense") for budget in ("steps", "time") if any(
+    panels = [(task, budget) for task in TASKS for budget in ("steps", "time") if any(
         r["task"] == task and r["budget"] == budget for r in results["runs"])]
     figure, axes = plt.subplots(len(panels), 2, figsize=(12, 3.6 * len(panels)), squeeze=False)
     ratios = results["step_time_ratio"]
@@ -330,14 +342,14 @@ def plot(results: dict, path: Path) -> None:
 def summary_markdown(results: dict) -> str:
     """Markdown tables: final scores per method, budget and seed; step times; the gradient diagnosis."""
     lines = []
-    for task in ("recall", "dense"):
+    for task in TASKS:
         for budget in ("steps", "time"):
             rows = [(m, runs_for(results, task, budget, m)) for m in METHODS]
             rows = [(m, runs) for m, runs in rows if runs and any(r["budget"] == budget for r in results["runs"] if r["task"] == task)]
             if not rows:
                 continue
             lines += [f"\n**{task}, equal {'steps' if budget == 'steps' else 'wall time'}** (final model, {FINAL_SEQUENCES} held-out "
-                      "recall sequences; last in-training held-out loss; steps with a zero gradient)\n",
+                      f"{'recall' if task == 'dense' else task} sequences; last in-training held-out loss; steps with a zero gradient)\n",
                       "| method | steps | accuracy per seed | mean accuracy | held-out loss per seed | zero-gradient steps |",
                       "|---|---:|---|---:|---|---:|"]
             for method, runs in rows:
@@ -372,7 +384,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/spaco-quality", help="run directories, logs and the dense task's data")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--tasks", default="recall,dense", help="recall and/or dense")
+    parser.add_argument("--tasks", default="recall,dense", help=f"some of {','.join(TASKS)}")
     parser.add_argument("--dense-time", action="store_true", help="also run the dense task at equal wall time")
     parser.add_argument("--steps-only", action="store_true", help="equal steps only (no equal-time runs)")
     parser.add_argument("--diagnosis-only", action="store_true", help="only the gradient diagnosis (needs SeCO's first-seed run)")
@@ -399,15 +411,16 @@ def main() -> None:
         results.update(step_seconds=measured["step_seconds"], timing=f"{measured['timing']} (from {args.step_times})")
     if "step_seconds" not in results:
         print("measuring step times (interleaved)...", flush=True)
-        results["step_seconds"] = measure_step_times(args.timing_methods.split(","))
-        results["timing"] = f"mean of {TIMING_ROUNDS} interleaved rounds after {TIMING_WARMUP} warm-up rounds, one thread"
+        timed = next((task for task in tasks if task in RECALL_TASKS), "recall")
+        results["step_seconds"] = measure_step_times(args.timing_methods.split(","), timed)
+        results["timing"] = f"mean of {TIMING_ROUNDS} interleaved rounds after {TIMING_WARMUP} warm-up rounds, one thread, {timed} batches"
     results["step_time_ratio"] = {m: t / results["step_seconds"]["seco"] for m, t in results["step_seconds"].items() if m in METHODS}
     print("step time / SeCO's:", {m: round(r, 3) for m, r in results["step_time_ratio"].items()}, flush=True)
 
     plan = []
     dense = dense_data(work / "dense-data", args.steps) if "dense" in tasks else None
     for task in tasks:
-        budgets = ["steps", "time"] if (task == "recall" or args.dense_time) and not args.steps_only else ["steps"]
+        budgets = ["steps", "time"] if (task in RECALL_TASKS or args.dense_time) and not args.steps_only else ["steps"]
         for budget in budgets:
             for seed in seeds:
                 for method in args.methods.split(","):
@@ -439,7 +452,7 @@ def main() -> None:
     # Scored here, one after another: loading models in several threads at once can leave a tied LM head
     # untied and random (transformers' loading is not thread-safe).
     for record in results["runs"]:
-        record["final"] = final_accuracy(work / "runs" / record["name"])
+        record["final"] = final_accuracy(work / "runs" / record["name"], record["task"])
 
     if "recall" in tasks and not results.get("diagnosis") and not args.no_diagnosis:
         results["diagnosis"] = diagnose(output / "diagnosis.json", work, seeds[0])
