@@ -310,7 +310,7 @@ def dense_diagnosis(output: Path, tasks: list[str], models: list[str], policies:
     updated, so the cells can be filled by separate runs."""
     from chunkwise.recipes.run import load_trained_model
 
-    batches = {"dense": dense_batch, "recall": recall_batch}
+    batches = {"dense": dense_batch, "recall": recall_batch, "random-depth": random_depth_batch}
     for model_name in models:
         model = (build_tiny_model("demo-llama") if model_name == "initial" else load_trained_model(trained_run)[0]).double()
         for task in tasks:
@@ -341,7 +341,7 @@ def main() -> None:
     parser.add_argument("--stratification-tasks", default="last,everywhere")
     parser.add_argument("--dense", action="store_true", help="instead: the dense diagnosis (and the same policies on "
                         "recall) at the initial and the trained model; --policies defaults to DENSE_POLICIES")
-    parser.add_argument("--tasks", default="dense,recall", help="with --dense: dense and/or recall")
+    parser.add_argument("--tasks", default="dense,recall", help="with --dense: some of dense, recall, random-depth")
     parser.add_argument("--models", default="initial,trained", help="with --dense: initial and/or trained")
     parser.add_argument("--trained-run", default=TRAINED_RUN, help="with --dense: the run whose final model is 'trained'")
     args = parser.parse_args()
