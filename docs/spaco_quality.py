@@ -19,6 +19,7 @@ process with one thread; `--workers` of them at a time. Methods (chunk 128 of 10
     bernoulli     SpaCO, unbiased, t = 2 on average    (--method spaco --budget 2 --sampling bernoulli)
     adaptive      SpaCO, decided in stage 2, unbiased,  (--method spaco --budget 2 --sampling adaptive)
                   at most t = 2 on average
+    adaptive-t3   the same with t = 3                  (--method spaco --budget 3 --sampling adaptive)
 
 Tasks:
 
@@ -76,6 +77,7 @@ METHODS = {
     "uniform-cap2": ["--method", "spaco", "--budget", str(BUDGET), "--max-compensation", str(CAP)],
     "bernoulli": ["--method", "spaco", "--budget", str(BUDGET), "--sampling", "bernoulli"],
     "adaptive": ["--method", "spaco", "--budget", str(BUDGET), "--sampling", "adaptive"],
+    "adaptive-t3": ["--method", "spaco", "--budget", str(BUDGET + 1), "--sampling", "adaptive"],
 }
 EVAL_EVERY = 25
 FINAL_SEQUENCES, FINAL_SEED = 256, 12345  # the final held-out set: a stream no training run reads
@@ -129,6 +131,7 @@ def measure_step_times(methods=tuple(METHODS), task: str = "recall") -> dict[str
         "uniform-cap2": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, max_compensation=CAP, seed=0),
         "bernoulli": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="bernoulli", seed=0),
         "adaptive": SpaCO(model, chunk_size=CHUNK, budget=BUDGET, sampling="adaptive", seed=0),
+        "adaptive-t3": SpaCO(model, chunk_size=CHUNK, budget=BUDGET + 1, sampling="adaptive", seed=0),
     }
     engines = {name: engine for name, engine in engines.items() if name in methods}
     times = {name: [] for name in engines}
@@ -315,7 +318,7 @@ def plot(results: dict, path: Path) -> None:
     for row, (task, budget) in enumerate(panels):
         for column, metric in enumerate(("accuracy", "loss")):
             axis = axes[row][column]
-            for colour, method in zip(("black", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple"), METHODS):
+            for colour, method in zip(("black", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown"), METHODS):
                 runs = runs_for(results, task, budget, method)
                 if not runs:
                     continue
