@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_reference import F64_TOL, assert_matches_sdpa, random_inputs, sdpa_reference
+from kernel_fixtures import kernel_calls  # noqa: F401  (a fixture)
 from reference import full_backward, max_relative_error, trainable_grads
 from tiny_models import random_ids
 
@@ -112,25 +113,6 @@ def test_bfloat16_is_as_accurate_as_sdpa(implementation):
 
 
 # ----- inside a model step -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls of the kernel and of the SDPA fallback made through `chunk_attention_forward`."""
-    calls = {"kernel": 0, "sdpa": 0}
-    kernel, fallback = attention.causal_chunk_attention, attention.sdpa_attention_forward
-
-    def counted_kernel(*args, **kwargs):
-        calls["kernel"] += 1
-        return kernel(*args, **kwargs)
-
-    def counted_fallback(*args, **kwargs):
-        calls["sdpa"] += 1
-        return fallback(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "causal_chunk_attention", counted_kernel)
-    monkeypatch.setattr(attention, "sdpa_attention_forward", counted_fallback)
-    return calls
 
 
 def seco_error(model, input_ids, chunk_size, attention_mask=None, loss_tol=1e-12, **options) -> float:

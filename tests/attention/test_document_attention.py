@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_fixtures import kernel_calls  # noqa: F401  (a fixture)
 from packing_reference import packed_rows, per_document_backward
 from reference import engine_backward, max_relative_error
 from transformers.integrations.sdpa_attention import repeat_kv
@@ -39,24 +40,6 @@ def blocked_kernel(monkeypatch):
     monkeypatch.setattr(attention, "_MIN_BLOCK", 3)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    counted = {"kernel": 0, "sdpa": 0}
-    kernel, fallback = attention.causal_chunk_attention, attention.sdpa_attention_forward
-
-    def counted_kernel(*args, **kwargs):
-        counted["kernel"] += 1
-        return kernel(*args, **kwargs)
-
-    def counted_fallback(*args, **kwargs):
-        counted["sdpa"] += 1
-        return fallback(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "causal_chunk_attention", counted_kernel)
-    monkeypatch.setattr(attention, "sdpa_attention_forward", counted_fallback)
-    return counted
-
-
 def masked_sdpa(query, key, value, mask, scale):
     groups = query.shape[1] // key.shape[1]
     return F.scaled_dot_product_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=scale)
@@ -64,7 +47,7 @@ def masked_sdpa(query, key, value, mask, scale):
 
 @pytest.mark.parametrize("kernel", ["split", "blocked"])
 @pytest.mark.parametrize("start, end", [(0, 5), (10, 15), (20, 25), (25, 29)])
-def test_equals_sdpa_with_the_document_mask(request, calls, kernel, start, end):
+def test_equals_sdpa_with_the_document_mask(request, kernel_calls, kernel, start, end):
     if kernel == "blocked":
         request.getfixturevalue("blocked_kernel")
     _, positions = packed_rows(LAYOUTS)
@@ -76,7 +59,7 @@ def test_equals_sdpa_with_the_document_mask(request, calls, kernel, start, end):
     key, value = (torch.randn(2, 2, end - first, 16, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
     output, _ = attention.chunk_attention_forward(module, query, key, value, mask, scaling=0.25)
-    assert calls["sdpa"] == 0 and calls["kernel"] >= 2  # one call per document run, per row
+    assert kernel_calls["sdpa"] == 0 and kernel_calls["kernel"] >= 2  # one call per document run, per row
     expected = masked_sdpa(query, key, value, mask, 0.25).transpose(1, 2)
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
     grad_output = torch.randn(output.shape, generator=generator, dtype=torch.float64)
@@ -86,11 +69,11 @@ def test_equals_sdpa_with_the_document_mask(request, calls, kernel, start, end):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_every_layer_of_a_packed_step_runs_the_kernel(calls):
+def test_every_layer_of_a_packed_step_runs_the_kernel(kernel_calls):
     model = build_tiny_model("tiny-llama", dtype=torch.float64)
     ids, positions = packed_rows(LAYOUTS, seed=1)
     engine_backward(model, SeCO(model, chunk_size=5), ids, position_ids=positions)
-    assert calls["sdpa"] == 0 and calls["kernel"] > 0
+    assert kernel_calls["sdpa"] == 0 and kernel_calls["kernel"] > 0
 
 
 def test_blocked_kernel_with_offload_equals_each_document_alone(blocked_kernel):
